@@ -1,0 +1,252 @@
+"""Typed configuration: dataclass defaults <- YAML recipe <- `--set key=value` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key and suggest the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dims: int = 2  # spatial dims of the encoder: 2 (images, slices) or 3 (volumes)
+    size: int = 64  # every scan is resampled once (aspect kept, zero-padded) to size^dims
+    channels: int = 1  # 1: grayscale (colour averaged); 3: keep RGB
+    intensity: str = "percentile"  # per-scan normalisation to [0,1]: percentile (0.5-99.5) | minmax | none
+    npz_split: str = "train"  # MedMNIST .npz: which split to pretrain on (train | val | test | all)
+    max_bad_fraction: float = 0.2  # stop if more than this share of scans cannot be used
+    strict: bool = False  # stop at the first unreadable scan instead of skipping it
+    cache_max_gb: float = 4.0  # decoded scans above this size go to a memory-mapped file in the run folder
+    num_workers: int = 2  # threads decoding scans
+
+
+@dataclass
+class ViewsConfig:
+    backend: str = "auto"  # monai (per sample, CPU) | batched (whole batch, on the training device) | auto
+    crop_scale: tuple = (0.4, 1.0)  # random resized crop: share of the image area (volume) kept
+    flip_prob: float = 0.5  # per spatial axis
+    rotate_deg: float = 15.0  # max rotation per axis
+    gamma: tuple = (0.7, 1.5)  # contrast/gamma range
+    gamma_prob: float = 0.8
+    intensity_scale: float = 0.1  # multiply by U(1-s, 1+s)
+    intensity_shift: float = 0.1  # add U(-s, s)
+    intensity_prob: float = 0.8
+    noise_std: float = 0.05  # gaussian noise std (image range is [0,1])
+    noise_prob: float = 0.5
+    blur_sigma: tuple = (0.5, 1.0)  # gaussian blur sigma in pixels
+    blur_prob: float = 0.3
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 (MONAI)
+    stem: str = "auto"  # small (3x3 stride 1, no max-pool) | standard (7x7 stride 2 + max-pool) | auto (small if size<=64)
+    widen_factor: float = 1.0  # channel multiplier; 0.25-0.5 makes fast CPU models
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    positives: str = "views"  # views | patient | neighbors
+    neighbor_distance: int = 2  # neighbors: max slice (or sub-volume shift, in voxels of the cache) distance
+    temperature: float = 0.2
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    pred_hidden: int = 512  # BYOL/SimSiam/MoCo v3 predictor
+    margin: float = 1.0  # pair/triplet margin (on L2-normalised embeddings)
+    mining: str = "batch_hard"  # triplet: batch_hard | semi_hard
+    momentum: float = 0.99  # MoCo/BYOL EMA start (cosine-increased to 1.0)
+    queue_size: int = 4096  # MoCo v2 negative queue
+    barlow_lambda: float = 0.005
+    vicreg_weights: tuple = (25.0, 25.0, 1.0)  # invariance, variance, covariance
+    stop_gradient: bool = True  # SimSiam/BYOL; False makes them collapse (useful to test the monitors)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | lars
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    channels_last: bool = True  # 2D on GPU
+    compile: bool = False  # torch.compile the encoder
+    num_workers: int = 0  # DataLoader workers for the monai view backend
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
+    log_every: int = 10  # steps between scalar logs
+    monitor_every: int = 50  # steps between collapse monitors
+    max_steps: int = 0  # stop after this many steps (0: run all epochs); for smoke tests
+
+
+@dataclass
+class MedclConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        def conv(v):
+            return list(v) if isinstance(v, tuple) else v
+
+        return {s.name: {k: conv(v) for k, v in dataclasses.asdict(getattr(self, s.name)).items()}
+                for s in dataclasses.fields(self)}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _coerce(key: str, value, default):
+    """Return `value` converted to the type of `default`, or raise ConfigError naming the key."""
+    kind = type(default)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if isinstance(default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if isinstance(default, str):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if isinstance(default, tuple):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value] * len(default)
+            if not isinstance(value, (list, tuple)) or len(value) != len(default):
+                raise TypeError
+            return tuple(_coerce(key, v, d) for v, d in zip(value, default))
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    expect = f"a list of {len(default)} numbers" if isinstance(default, tuple) else kind.__name__
+    raise ConfigError(f"config key '{key}': expected {expect}, got {value!r}.")
+
+
+def apply_overrides(cfg: MedclConfig, overrides: dict, source: str = "config") -> MedclConfig:
+    """Apply a nested dict {section: {key: value}} onto cfg, checking keys and types."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(cfg.to_dict())}).")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for sec, values in overrides.items():
+        if sec not in sections:
+            raise ConfigError(f"{source}: unknown section '{sec}'." + _suggest(str(sec), sections))
+        sub = getattr(cfg, sec)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{sec}' must be a mapping of keys to values.")
+        names = {f.name for f in dataclasses.fields(sub)}
+        for k, v in values.items():
+            if k not in names:
+                raise ConfigError(f"{source}: unknown key '{sec}.{k}'." + _suggest(str(k), names))
+            setattr(sub, k, _coerce(f"{sec}.{k}", v, getattr(sub, k)))
+    validate(cfg)
+    return cfg
+
+
+def parse_set(items: typing.Iterable[str]) -> dict:
+    """['method.name=byol', 'views.crop_scale=[0.3,1]'] -> {'method': {'name': 'byol'}, ...}."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects section.key=value (e.g. method.name=byol), got '{item}'.")
+        key, raw = item.split("=", 1)
+        sec, name = key.strip().split(".", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(sec, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None, base: dict | None = None) -> MedclConfig:
+    cfg = MedclConfig()
+    if base:
+        apply_overrides(cfg, base, "saved run config")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}. Recipes ship in configs/pretrain/.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e}).") from None
+        apply_overrides(cfg, data, str(p))
+    if overrides:
+        apply_overrides(cfg, overrides, "--set")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    ("data", "dims"): (2, 3),
+    ("data", "channels"): (1, 3),
+    ("data", "intensity"): ("percentile", "minmax", "none"),
+    ("data", "npz_split"): ("train", "val", "test", "all"),
+    ("views", "backend"): ("auto", "monai", "batched"),
+    ("encoder", "name"): ("resnet10", "resnet18", "resnet34", "resnet50"),
+    ("encoder", "stem"): ("auto", "small", "standard"),
+    ("method", "positives"): ("views", "patient", "neighbors"),
+    ("method", "mining"): ("batch_hard", "semi_hard"),
+    ("optim", "name"): ("adamw", "lars"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "amp"): ("auto", "bf16", "off"),
+}
+
+
+def validate(cfg: MedclConfig) -> None:
+    from .methods import METHODS  # late import: methods depend on config types only
+
+    for (sec, key), allowed in _CHOICES.items():
+        v = getattr(getattr(cfg, sec), key)
+        if v not in allowed:
+            raise ConfigError(f"{sec}.{key}={v!r} is not one of {', '.join(map(str, allowed))}."
+                              + _suggest(str(v), map(str, allowed)).replace("Valid keys", "Valid values"))
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a known method." + _suggest(cfg.method.name, METHODS)
+                          .replace("Valid keys", "Known methods"))
+    lo, hi = cfg.views.crop_scale
+    if not (0 < lo <= hi <= 1):
+        raise ConfigError(f"views.crop_scale={cfg.views.crop_scale}: need 0 < min <= max <= 1.")
+    if cfg.data.size < 8:
+        raise ConfigError(f"data.size={cfg.data.size} is too small; use at least 8.")
+    if cfg.train.batch_size < 2:
+        raise ConfigError("train.batch_size must be at least 2: contrastive losses need other samples in the batch.")
+    if cfg.train.epochs < 1:
+        raise ConfigError("train.epochs must be at least 1.")
+
+
+def save_config(cfg: MedclConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,169 @@
+"""Decode and resample every scan once into one fixed-size array (N, C, *[size]*dims).
+
+Per training step the work is then indexing + augmentation. Large datasets go to a memory-mapped .npy
+in the run folder, so memory stays bounded for folders larger than RAM.
+"""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import MedclError, ScanReadError
+from .discover import Source
+
+MIN_SIDE = 4  # below this a scan carries no usable structure
+
+
+def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channels: int, intensity: str) -> np.ndarray:
+    """Channel-first scan -> float32 (channels, *[size]*dims) in [0, 1]. Raises ScanReadError with the reason."""
+    if not np.all(np.isfinite(arr)):
+        raise ScanReadError(path, "contains NaN or Inf values; fix or remove the scan.")
+    spatial = arr.ndim - 1
+    if dims == 2 and spatial == 3:
+        if 1 in arr.shape[1:]:
+            axis = 1 + arr.shape[1:].index(1)
+            arr = np.squeeze(arr, axis=axis)
+            if spacing is not None:
+                spacing = tuple(s for i, s in enumerate(spacing) if i != axis - 1)
+        else:
+            raise ScanReadError(path, f"3D volume {arr.shape[1:]} in a 2D run: use --dims 3 for volumes, "
+                                      "or method.positives=neighbors to train a 2D encoder on their slices.")
+    elif dims == 3 and spatial == 2:
+        raise ScanReadError(path, f"2D image {arr.shape[1:]} in a 3D run: use --dims 2, or keep 2D and 3D scans in separate folders.")
+    elif arr.ndim - 1 != dims:
+        raise ScanReadError(path, f"array of shape {arr.shape} is neither a 2D image nor a 3D volume.")
+    c = arr.shape[0]
+    if dims == 3 and c > 1:  # 4D series (fMRI, DWI): the first volume stands for the scan
+        arr = arr[:1]
+    elif c == 4:  # RGBA: drop alpha
+        arr = arr[:3]
+    elif c not in (1, 3):
+        raise ScanReadError(path, f"{c} channels: expected grayscale or RGB.")
+    if arr.shape[0] == 3 and channels == 1:
+        arr = arr.mean(axis=0, keepdims=True)
+    elif arr.shape[0] == 1 and channels == 3:
+        arr = np.repeat(arr, 3, axis=0)
+    if min(arr.shape[1:]) < MIN_SIDE:
+        raise ScanReadError(path, f"too small ({'x'.join(map(str, arr.shape[1:]))}); need at least {MIN_SIDE} pixels per side.")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        raise ScanReadError(path, "constant image (every pixel equal): nothing to learn from.")
+    if intensity == "percentile":
+        plo, phi = np.percentile(arr, [0.5, 99.5])
+        if phi > plo:
+            lo, hi = float(plo), float(phi)
+    if intensity != "none":
+        arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    # resample: keep the physical aspect ratio, fit the longest side to `size`, zero-pad the rest
+    shape = np.array(arr.shape[1:], dtype=float)
+    sp = np.array(spacing if spacing is not None and len(spacing) == dims else [1.0] * dims, dtype=float)
+    phys = shape * sp
+    target = np.maximum(1, np.round(phys * size / phys.max())).astype(int)
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from monai.transforms import Resize, SpatialPad
+
+        shrink = bool(np.all(target <= shape))
+        mode = "area" if shrink else ("bilinear" if dims == 2 else "trilinear")
+        t = Resize(spatial_size=tuple(int(v) for v in target), mode=mode)(t)
+        t = SpatialPad(spatial_size=(size,) * dims, mode="constant")(t)
+    out = np.asarray(t.numpy() if hasattr(t, "numpy") else t, dtype=np.float32)
+    return np.clip(out, 0.0, 1.0) if intensity != "none" else out
+
+
+@dataclass
+class ScanSet:
+    """The decoded dataset: images[rows[i]] belongs to records[i]."""
+
+    images: np.ndarray
+    records: list
+    skipped: list = field(default_factory=list)  # (path, reason)
+    rows: np.ndarray | None = None  # row of images for each record
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = np.arange(len(self.records))
+
+    def __len__(self):
+        return len(self.records)
+
+    def batch(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        rows = self.rows[idx]
+        order = np.argsort(rows)  # sorted reads are kinder to a memmap
+        out = np.empty((len(rows),) + self.images.shape[1:], dtype=np.float32)
+        out[order] = self.images[rows[order]]
+        return out
+
+    @property
+    def shape(self):
+        return (len(self.records),) + self.images.shape[1:]
+
+
+def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensity: str = "percentile",
+                strict: bool = False, max_bad_fraction: float = 0.2, cache_dir: Path | None = None,
+                cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True) -> ScanSet:
+    recs = source.records
+    n = len(recs)
+    item_shape = (channels,) + (size,) * dims
+    nbytes = n * int(np.prod(item_shape)) * 4
+    if cache_dir is not None and nbytes > cache_max_gb * 2**30:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        images = np.lib.format.open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
+    else:
+        images = np.empty((n,) + item_shape, dtype=np.float32)
+    skipped = list(source.problems)
+
+    def work(i):
+        rec = recs[i]
+        where = rec.path if rec.fmt != "npz" else f"{rec.path}:{rec.key}"
+        try:
+            arr, spacing = source.read(rec)
+            return i, to_model_array(arr, spacing, where, dims, size, channels, intensity), None
+        except ScanReadError as e:
+            return i, None, (e.path, e.reason)
+
+    ok = np.zeros(n, dtype=bool)
+    bar = tqdm(total=n, desc="decode scans", unit="scan", disable=not progress or n < 50, leave=False)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        for i, img, err in pool.map(work, range(n)):
+            bar.update()
+            if err is not None:
+                if strict:
+                    raise ScanReadError(*err)
+                skipped.append(err)
+                continue
+            images[i] = img
+            ok[i] = True
+    bar.close()
+    n_ok = int(ok.sum())
+    if n_ok == 0:
+        first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+        raise MedclError(f"none of the {n} scans could be used. First problems: {first}")
+    bad = n - n_ok
+    if bad / n > max_bad_fraction:
+        first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+        raise MedclError(f"{bad} of {n} scans cannot be used (more than data.max_bad_fraction={max_bad_fraction}). "
+                         f"First problems: {first}. Fix them, or raise the limit with --set data.max_bad_fraction=...")
+    rows = np.flatnonzero(ok)
+    if bad:
+        recs = [recs[i] for i in rows]
+        if not isinstance(images, np.memmap):  # in memory: compact; a memmap stays on disk and is indexed via rows
+            images, rows = images[rows], np.arange(len(rows))
+    return ScanSet(images, list(recs), skipped, rows)
+
+
+def write_skipped(skipped: list, path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)

@@ -1,0 +1,156 @@
+"""Folder (or MedMNIST .npz) -> scan records. Nothing is read here beyond DICOM headers."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedclError
+from .readers import read_scan, scan_format
+
+NPZ_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ScanRecord:
+    key: str  # path relative to DATA (posix), or "split/index" inside an .npz; what labels CSVs refer to
+    fmt: str
+    path: Path | None = None
+    files: tuple = ()  # DICOM series: the slice files
+    label: object = None  # labels carried by the source (MedMNIST .npz)
+    split: str | None = None
+    patient: str | None = None
+    index: int = -1  # row in an .npz split
+
+
+@dataclass
+class Source:
+    """Where scans come from. `read(record)` gives (array[C, *spatial], spacing)."""
+
+    root: Path
+    records: list
+    problems: list = field(default_factory=list)  # (path, reason) found while walking
+    arrays: dict = field(default_factory=dict)  # .npz: split -> images
+
+    def read(self, rec: ScanRecord):
+        if rec.fmt == "npz":
+            img = np.asarray(self.arrays[rec.split][rec.index], dtype=np.float32)
+            if img.ndim == 2:
+                return img[None], None
+            if img.ndim == 3 and img.shape[-1] in (3, 4):  # (H, W, RGB)
+                return np.moveaxis(img, -1, 0), None
+            return img[None], None  # (X, Y, Z)
+        return read_scan(rec.path, rec.fmt, rec.files or None)
+
+
+def _dicom_groups(folder: Path, names: list[str], problems: list):
+    """Group a folder's .dcm files by series; one file per group for single images."""
+    import pydicom
+
+    series = defaultdict(list)
+    singles = []
+    for n in names:
+        p = folder / n
+        try:
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+            uid = str(getattr(ds, "SeriesInstanceUID", "")) or None
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except Exception:
+            singles.append(p)  # the reader reports it properly later
+            continue
+        if uid is None or frames > 1:
+            singles.append(p)
+        else:
+            series[uid].append(p)
+    groups = [(p,) for p in singles]
+    for uid, files in series.items():
+        if len(files) == 1:
+            groups.append((files[0],))
+        else:
+            groups.append(tuple(sorted(files)))
+    return groups
+
+
+def discover(root: str | os.PathLike, dims: int = 2) -> Source:
+    """Walk DATA recursively (symlinked folders are not followed, so loops cannot hang it)."""
+    root = Path(root)
+    if not root.exists():
+        raise MedclError(f"data not found: {root}")
+    if root.is_file():
+        if root.suffix.lower() == ".npz":
+            return open_npz(root)
+        fmt = scan_format(root)
+        if fmt is None:
+            raise MedclError(f"{root} is neither a folder of scans nor a MedMNIST .npz file.")
+        return Source(root.parent, [ScanRecord(root.name, fmt, root)])
+    records, problems = [], []
+
+    def onerror(err):
+        problems.append((str(err.filename), f"folder cannot be listed ({err.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        folder = Path(dirpath)
+        dcm = []
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            fmt = scan_format(name)
+            if fmt is None:
+                continue
+            if fmt == "dicom":
+                dcm.append(name)
+                continue
+            p = folder / name
+            records.append(ScanRecord(p.relative_to(root).as_posix(), fmt, p))
+        if dcm:
+            groups = _dicom_groups(folder, dcm, problems) if (dims == 3 and len(dcm) > 1) else [(folder / n,) for n in dcm]
+            n_series = sum(len(g) > 1 for g in groups)
+            for i, g in enumerate(groups):
+                if len(g) == 1:
+                    records.append(ScanRecord(g[0].relative_to(root).as_posix(), "dicom", g[0]))
+                else:
+                    key = folder.relative_to(root).as_posix() or "."
+                    if n_series > 1:
+                        key = f"{key}#series{i}"
+                    records.append(ScanRecord(key, "dicom", g[0], files=g))
+    if not records:
+        raise MedclError(f"no scans found in {root}: expected NIfTI (.nii/.nii.gz), DICOM (.dcm), "
+                         "PNG/JPEG/TIFF or .npy files (searched recursively), or pass a MedMNIST .npz file.")
+    return Source(root, records, problems)
+
+
+def open_npz(path: Path) -> Source:
+    try:
+        z = np.load(str(path), allow_pickle=False)
+    except Exception as e:
+        raise MedclError(f"{path}: cannot open as .npz ({type(e).__name__}: {e}).") from None
+    arrays, records = {}, []
+    for split in NPZ_SPLITS:
+        if f"{split}_images" not in z:
+            continue
+        imgs = z[f"{split}_images"]
+        labels = z[f"{split}_labels"] if f"{split}_labels" in z else None
+        arrays[split] = imgs
+        for i in range(len(imgs)):
+            lab = None
+            if labels is not None:
+                row = np.asarray(labels[i]).ravel()
+                lab = int(row[0]) if row.size == 1 else tuple(int(v) for v in row)
+            records.append(ScanRecord(f"{split}/{i}", "npz", path, label=lab, split=split, index=i))
+    if not records:
+        raise MedclError(f"{path}: no '<split>_images' arrays (expected MedMNIST keys train_images, val_images, test_images).")
+    return Source(path.parent, records, arrays=arrays)
+
+
+def open_source(data, dims: int = 2, npz_split: str = "all") -> Source:
+    src = discover(data, dims)
+    if src.arrays and npz_split != "all":
+        src.records = [r for r in src.records if r.split == npz_split]
+        if not src.records:
+            raise MedclError(f"{data}: no '{npz_split}' split in this .npz.")
+    return src

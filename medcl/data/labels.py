@@ -1,0 +1,229 @@
+"""Labels: the CSV (or MedMNIST .npz labels), the positive class, patient-grouped stratified splits, label budgets."""
+from __future__ import annotations
+
+import csv
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LabelsError
+
+DISEASE_WORDS = ("diseased", "disease", "abnormal", "tumor", "tumour", "lesion", "malignant", "pneumonia",
+                 "positive", "sick", "pathological", "cancer")
+
+
+def _norm_path(p: str, allow_outside: bool, row: int, data_root: Path | None) -> str:
+    raw = p.strip().replace("\\", "/")
+    if raw.startswith("/"):
+        if data_root is not None:
+            try:
+                return Path(raw).resolve().relative_to(data_root.resolve()).as_posix()
+            except ValueError:
+                pass
+        if not allow_outside:
+            raise LabelsError(f"labels row {row}: absolute path '{p}' is outside DATA; paths must be relative to DATA.")
+        return raw
+    n = posixpath.normpath(raw)
+    if (n == ".." or n.startswith("../")) and not allow_outside:
+        raise LabelsError(f"labels row {row}: path '{p}' escapes DATA with '..'; paths must stay inside DATA.")
+    return n
+
+
+@dataclass
+class LabelsTable:
+    keys: list  # scan keys (paths relative to DATA, or 'split/index' in an .npz)
+    labels: list  # class names as strings
+    patients: list  # patient id per row (defaults to the key itself)
+    splits: list  # 'train' | 'val' | 'test' | None
+    has_patient: bool = False
+    classes: list = field(default_factory=list)
+    positive: list = field(default_factory=list)  # classes counted as "diseased" (binary task) or [] (multi-class)
+
+    def __post_init__(self):
+        self._index = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def binary(self) -> bool:
+        return bool(self.positive)
+
+    def y(self) -> np.ndarray:
+        """Targets: 1 = positive class(es), 0 = rest (binary); else the class index."""
+        if self.binary:
+            pos = set(self.positive)
+            return np.array([1 if lab in pos else 0 for lab in self.labels], dtype=np.int64)
+        idx = {c: i for i, c in enumerate(self.classes)}
+        return np.array([idx[lab] for lab in self.labels], dtype=np.int64)
+
+    def class_names(self) -> list:
+        if self.binary:
+            rest = [c for c in self.classes if c not in self.positive]
+            return ["/".join(rest), "/".join(self.positive)]
+        return list(self.classes)
+
+    def patient_of(self, key):
+        i = self._index.get(key)
+        return self.patients[i] if (i is not None and self.has_patient) else None
+
+    def row_of(self, key):
+        return self._index.get(key)
+
+    def train_label_ids(self, keys) -> np.ndarray:
+        """For SupCon: label index per scan key; -1 for scans without a label or in the test split."""
+        y = self.y()
+        out = np.full(len(keys), -1, dtype=np.int64)
+        for j, k in enumerate(keys):
+            i = self._index.get(k)
+            if i is not None and self.splits[i] != "test":
+                out[j] = y[i]
+        return out
+
+    def probe_set(self, scans):
+        """(images, y) of labeled scans for the online kNN monitor (validation rows if there are any)."""
+        rows = [(j, self._index[r.key]) for j, r in enumerate(scans.records) if r.key in self._index]
+        val = [(j, i) for j, i in rows if self.splits[i] == "val"]
+        rows = val if len(val) >= 10 else rows
+        if not rows:
+            return None
+        y = self.y()
+        idx = np.array([j for j, _ in rows])
+        return scans.batch(idx), y[[i for _, i in rows]]
+
+    def subset(self, rows) -> "LabelsTable":
+        rows = list(rows)
+        t = LabelsTable([self.keys[i] for i in rows], [self.labels[i] for i in rows], [self.patients[i] for i in rows],
+                        [self.splits[i] for i in rows], self.has_patient, list(self.classes), list(self.positive))
+        return t
+
+
+def resolve_positive(classes: list, positive: str | None) -> list:
+    """Which class(es) are 'diseased'. `positive` may be one class or a comma list (e.g. '1,2,3,4')."""
+    if positive:
+        wanted = [p.strip() for p in str(positive).split(",") if p.strip()]
+        missing = [p for p in wanted if p not in classes]
+        if missing:
+            raise LabelsError(f"--positive {positive}: class(es) {missing} not in the labels; classes are: {', '.join(classes)}.")
+        if len(wanted) == len(classes):
+            raise LabelsError("--positive names every class; leave at least one as the healthy class.")
+        return wanted
+    if len(classes) != 2:
+        return []  # multi-class task
+    if "1" in classes and "0" in classes:
+        return ["1"]
+    hits = [c for c in classes if c.lower() in DISEASE_WORDS]
+    if len(hits) == 1:
+        return hits
+    raise LabelsError(f"cannot tell which class is the diseased one among {classes}: pass --positive CLASS.")
+
+
+def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = False) -> LabelsTable:
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"labels file not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise LabelsError(f"{path}: not a readable CSV ({e}).") from None
+    missing = [c for c in ("path", "label") if c not in cols]
+    if missing:
+        raise LabelsError(f"{path}: missing column(s) {missing}; found {cols}. Expected a header 'path,label[,patient][,split]'.")
+    keys, labels, patients, splits = [], [], [], []
+    seen = {}
+    has_patient = "patient" in cols and any((r.get("patient") or "").strip() for r in rows)
+    root = Path(data_root) if data_root is not None and Path(data_root).is_dir() else None
+    for n, r in enumerate(rows, start=2):
+        r = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+        if not r.get("path"):
+            raise LabelsError(f"{path} row {n}: empty path.")
+        if r.get("label", "") == "":
+            raise LabelsError(f"{path} row {n}: empty label for {r['path']}.")
+        key = _norm_path(r["path"], allow_outside, n, root)
+        if key in seen:
+            raise LabelsError(f"{path}: '{key}' appears twice (rows {seen[key]} and {n}); keep one row per scan.")
+        seen[key] = n
+        sp = r.get("split", "").lower() or None
+        if sp is not None and sp not in ("train", "val", "test"):
+            raise LabelsError(f"{path} row {n}: split '{sp}' must be train, val or test.")
+        keys.append(key)
+        labels.append(r["label"])
+        patients.append(r.get("patient") or key)
+        splits.append(sp)
+    if not keys:
+        raise LabelsError(f"{path}: no rows.")
+    classes = sorted(set(labels), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
+    if len(classes) < 2:
+        raise LabelsError(f"{path}: only one class ({classes[0]}): a classifier needs at least two.")
+    table = LabelsTable(keys, labels, patients, splits, has_patient, classes, resolve_positive(classes, positive))
+    check_patient_splits(table, str(path))
+    return table
+
+
+def labels_from_records(records, positive=None) -> LabelsTable:
+    """MedMNIST .npz: labels and official splits come with the file."""
+    rows = [r for r in records if r.label is not None]
+    if not rows:
+        raise LabelsError("this data has no labels: pass --labels LABELS.csv.")
+    labels = [str(r.label if not isinstance(r.label, tuple) else r.label[0]) for r in rows]
+    classes = sorted(set(labels), key=lambda c: int(c) if c.lstrip("-").isdigit() else c)
+    return LabelsTable([r.key for r in rows], labels, [r.key for r in rows], [r.split for r in rows], False, classes,
+                       resolve_positive(classes, positive))
+
+
+def check_patient_splits(t: LabelsTable, where: str) -> None:
+    if not t.has_patient or not any(t.splits):
+        return
+    seen: dict = {}
+    for k, p, s in zip(t.keys, t.patients, t.splits):
+        if s is None:
+            continue
+        if p in seen and seen[p][0] != s:
+            raise LabelsError(f"{where}: patient '{p}' is in split '{seen[p][0]}' ({seen[p][1]}) and '{s}' ({k}); "
+                              "a patient must stay in one split, or the test score leaks.")
+        seen.setdefault(p, (s, k))
+
+
+def make_splits(y: np.ndarray, groups: np.ndarray, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                seed: int = 0) -> np.ndarray:
+    """Patient-grouped, stratified hold-out: returns an array of 'train'/'val'/'test' per row."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n = len(y)
+    out = np.array(["train"] * n, dtype=object)
+
+    def carve(idx, frac, name, s):
+        k = max(2, int(round(1 / frac)))
+        n_groups = len(np.unique(groups[idx]))
+        k = min(k, n_groups)
+        if k < 2:
+            raise LabelsError(f"too few patients ({n_groups}) to hold out a {name} split.")
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=s)
+        _, pick = next(cv.split(np.zeros(len(idx)), y[idx], groups[idx]))
+        out[idx[pick]] = name
+
+    carve(np.arange(n), test_fraction, "test", seed)
+    rest = np.flatnonzero(out == "train")
+    carve(rest, val_fraction / (1 - test_fraction), "val", seed + 1)
+    return out
+
+
+def select_budget(y: np.ndarray, candidates: np.ndarray, fraction: float | None = None, per_class: int | None = None,
+                  seed: int = 0, min_per_class: int = 1, cap: bool = False) -> np.ndarray:
+    """A stratified labeled subset of `candidates` (row indices), reproducible from `seed`; every class present."""
+    rng = np.random.default_rng([seed, 1234])
+    chosen = []
+    for c in np.unique(y[candidates]):
+        pool = candidates[y[candidates] == c]
+        if per_class is not None:
+            k = per_class
+        else:
+            k = max(min_per_class, int(round((fraction if fraction is not None else 1.0) * len(pool))))
+        if cap:
+            k = min(k, len(pool))
+        if k > len(pool):
+            raise LabelsError(f"budget asks for {k} labels of class {c} but the train split has only {len(pool)}.")
+        chosen.append(rng.choice(pool, size=k, replace=False))
+    return np.sort(np.concatenate(chosen))

@@ -1,0 +1,168 @@
+"""One way to read any scan: a channel-first float32 array plus its voxel spacing.
+
+NIfTI and PNG/JPEG/TIFF go through MONAI's LoadImage; DICOM through pydicom (so a series of slices can be
+stacked in order); .npy through numpy without pickles. Every failure becomes a ScanReadError naming the file.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ScanReadError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_EXTS = (".nii", ".nii.gz")
+DICOM_EXTS = (".dcm",)
+NUMPY_EXTS = (".npy",)
+SCAN_EXTS = IMAGE_EXTS + NIFTI_EXTS + DICOM_EXTS + NUMPY_EXTS
+
+
+def scan_format(path: str | os.PathLike) -> str | None:
+    name = str(path).lower()
+    if name.endswith(NIFTI_EXTS):
+        return "nifti"
+    if name.endswith(DICOM_EXTS):
+        return "dicom"
+    if name.endswith(IMAGE_EXTS):
+        return "image"
+    if name.endswith(NUMPY_EXTS):
+        return "npy"
+    return None
+
+
+_loader = None
+
+
+def _monai_loader():
+    global _loader
+    if _loader is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from monai.transforms import LoadImage
+
+            _loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+    return _loader
+
+
+def _read_monai(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = _monai_loader()(str(path))
+    arr = np.asarray(img.numpy() if hasattr(img, "numpy") else img, dtype=np.float32)
+    spacing = None
+    try:
+        pix = np.asarray(img.pixdim, dtype=float).ravel()  # MetaTensor: spacing from the affine
+        if pix.size == arr.ndim - 1 and np.all(pix > 0):
+            spacing = tuple(float(p) for p in pix)
+    except Exception:
+        pass
+    return arr, spacing
+
+
+def _dicom_pixels(ds, path) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise ScanReadError(path, "DICOM file has no pixel data (a report, SEG or presentation state?); "
+                                  "remove it from the folder or ignore this skip.")
+    try:
+        px = ds.pixel_array.astype(np.float32)
+    except Exception as e:  # missing codec, truncated data
+        raise ScanReadError(path, f"DICOM pixel data cannot be decoded ({type(e).__name__}: {e}). "
+                                  "Compressed transfer syntaxes may need pylibjpeg or gdcm installed.") from None
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    return px * slope + intercept
+
+
+def _read_dicom(files: list[Path]):
+    import pydicom
+
+    datasets = []
+    for f in files:
+        try:
+            datasets.append(pydicom.dcmread(str(f)))
+        except Exception as e:
+            raise ScanReadError(f, f"not a readable DICOM file ({type(e).__name__}: {e}).") from None
+    if len(datasets) > 1:  # one series: sort slices along the scanner axis, then by instance number
+        def pos(ds):
+            ipp = getattr(ds, "ImagePositionPatient", None)
+            return (float(ipp[2]) if ipp is not None else 0.0, int(getattr(ds, "InstanceNumber", 0) or 0))
+
+        order = sorted(range(len(datasets)), key=lambda i: pos(datasets[i]))
+        slices = [_dicom_pixels(datasets[i], files[i]) for i in order]
+        if len({s.shape for s in slices}) != 1:
+            raise ScanReadError(files[0].parent, "DICOM series has slices of different sizes.")
+        vol = np.stack(slices, axis=-1)  # rows, cols, slices
+        ds = datasets[0]
+        ps = [float(v) for v in getattr(ds, "PixelSpacing", [1, 1])]
+        thick = float(getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or ps[0])
+        return vol[None], (ps[0], ps[1], thick)
+    ds, f = datasets[0], files[0]
+    px = _dicom_pixels(ds, f)
+    ps = tuple(float(v) for v in getattr(ds, "PixelSpacing", [1, 1]))
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    photometric = str(getattr(ds, "PhotometricInterpretation", ""))
+    if photometric == "MONOCHROME1":  # inverted grayscale: make bright mean dense everywhere
+        px = px.max() - px
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if samples > 1:  # colour: (..., rows, cols, 3) -> channels first
+        px = np.moveaxis(px, -1, 0)
+        if frames > 1:
+            px = px.mean(axis=0, keepdims=True)[0]
+            return np.moveaxis(px, 0, -1)[None], (ps[0], ps[1], ps[0])
+        return px, ps
+    if frames > 1:  # multi-frame: (frames, rows, cols) -> (1, rows, cols, frames)
+        return np.moveaxis(px, 0, -1)[None], (ps[0], ps[1], ps[0])
+    return px[None], ps
+
+
+def _read_npy(path: Path):
+    try:
+        arr = np.load(str(path), allow_pickle=False)
+    except Exception as e:
+        raise ScanReadError(path, f"not a readable .npy array ({type(e).__name__}: {e}).") from None
+    if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.complex128:
+        raise ScanReadError(path, f".npy holds {arr.dtype}, not a numeric image.")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim in (2, 3) and not (arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4):
+        return arr[None], None  # (H, W) or (X, Y, Z): add a channel
+    if arr.ndim == 3:  # (H, W, RGB)
+        return np.moveaxis(arr, -1, 0), None
+    if arr.ndim == 4:  # assume channel-first (C, X, Y, Z)
+        return arr, None
+    raise ScanReadError(path, f".npy array of shape {arr.shape} is not a 2D or 3D image.")
+
+
+def read_scan(path, fmt: str | None = None, files=None):
+    """Read one scan. Returns (array[C, *spatial] float32, spacing or None). Raises ScanReadError."""
+    path = Path(path)
+    fmt = fmt or scan_format(path)
+    try:
+        if fmt == "dicom":
+            arr, spacing = _read_dicom([Path(f) for f in (files or [path])])
+        else:
+            if not path.exists():
+                raise ScanReadError(path, "file not found.")
+            if path.stat().st_size == 0:
+                raise ScanReadError(path, "file is empty (0 bytes).")
+            if not os.access(path, os.R_OK):
+                raise ScanReadError(path, "permission denied: medcl cannot read this file.")
+            if fmt == "npy":
+                arr, spacing = _read_npy(path)
+            elif fmt in ("nifti", "image"):
+                arr, spacing = _read_monai(path)
+            else:
+                raise ScanReadError(path, "unknown scan format (expected NIfTI, DICOM, PNG/JPEG/TIFF or .npy).")
+    except ScanReadError:
+        raise
+    except MemoryError:
+        raise ScanReadError(path, "scan too large to decode in memory.") from None
+    except Exception as e:  # anything a reader throws: report the file, not the reader's internals
+        msg = str(e).split("\n")[0][:200]
+        raise ScanReadError(path, f"cannot be read as {fmt} ({type(e).__name__}: {msg}). "
+                                  "Is the file truncated or mislabeled?") from None
+    if arr.size == 0:
+        raise ScanReadError(path, "scan has no pixels.")
+    return arr, spacing

@@ -1,0 +1,98 @@
+"""Synthetic 2D/3D phantoms: a body with organs and texture; diseased scans also carry small bright lesions.
+
+Used by `medcl demo` (the embedded default: no downloads, no user data) and by the tests.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+
+def _ellipsoid(grid, center, axes, angle=0.0):
+    x = [g - c for g, c in zip(grid, center)]
+    if len(grid) >= 2 and angle:  # rotate in the first plane
+        ca, sa = np.cos(angle), np.sin(angle)
+        x[0], x[1] = ca * x[0] + sa * x[1], -sa * x[0] + ca * x[1]
+    return sum((xi / a) ** 2 for xi, a in zip(x, axes))
+
+
+def make_anatomy(rng: np.random.Generator, dims: int, size: int) -> dict:
+    """Random anatomy of one patient: body, organs and (for diseased) lesion sites."""
+    c = size / 2
+    body = dict(center=c + rng.uniform(-0.04, 0.04, dims) * size, axes=rng.uniform(0.34, 0.44, dims) * size,
+                angle=rng.uniform(-0.3, 0.3))
+    organs = []
+    for _ in range(rng.integers(2, 4)):
+        organs.append(dict(center=body["center"] + rng.uniform(-0.18, 0.18, dims) * size,
+                           axes=rng.uniform(0.06, 0.14, dims) * size, angle=rng.uniform(0, np.pi),
+                           value=rng.uniform(0.25, 0.75)))
+    return dict(body=body, organs=organs, texture_seed=int(rng.integers(2**31)))
+
+
+def add_lesions(rng: np.random.Generator, anatomy: dict, dims: int, size: int, n=None) -> dict:
+    lesions = []
+    for _ in range(n if n is not None else rng.integers(1, 4)):
+        r = rng.uniform(0.05, 0.09) * size
+        u = rng.normal(size=dims)
+        u /= np.linalg.norm(u)
+        pos = anatomy["body"]["center"] + u * rng.uniform(0, 0.6) * anatomy["body"]["axes"].min()
+        lesions.append(dict(center=pos, radius=r, value=rng.uniform(0.3, 0.45)))
+    return dict(anatomy, lesions=lesions)
+
+
+def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise: float = 0.03) -> np.ndarray:
+    """One acquisition of an anatomy: float32 image in [0, 1] of shape (size,)*dims."""
+    grid = np.meshgrid(*[np.arange(size, dtype=np.float32) + 0.5] * dims, indexing="ij")
+    b = anatomy["body"]
+    shift = rng.uniform(-0.02, 0.02, dims) * size  # positioning differs between acquisitions
+    body = _ellipsoid(grid, b["center"] + shift, b["axes"], b["angle"]) <= 1
+    tex_rng = np.random.default_rng(anatomy["texture_seed"])
+    img = np.where(body, 0.5, 0.0).astype(np.float32)
+    img += body * gaussian_filter(tex_rng.normal(0, 1, (size,) * dims), 1.5).astype(np.float32) * 0.15
+    for o in anatomy["organs"]:
+        m = _ellipsoid(grid, o["center"] + shift, o["axes"], o["angle"]) <= 1
+        img[m & body] = o["value"]
+    for les in anatomy.get("lesions", []):
+        d2 = sum((g - c) ** 2 for g, c in zip(grid, les["center"] + shift))
+        blob = np.exp(-d2 / (2 * (les["radius"] / 1.5) ** 2)).astype(np.float32)
+        img += body * blob * les["value"]
+    img = gaussian_filter(img, 0.6) + rng.normal(0, noise, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def make_phantoms(out: str | Path, n: int = 300, dims: int = 2, size: int = 64, seed: int = 0,
+                  diseased_fraction: float = 0.5, scans_per_patient: int = 2) -> Path:
+    """Write n phantom scans (PNG for 2D, NIfTI for 3D) plus labels.csv (path,label,patient). Returns the folder."""
+    out = Path(out)
+    (out / "scans").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    n_patients = int(np.ceil(n / scans_per_patient))
+    sick = rng.permutation(n_patients) < round(diseased_fraction * n_patients)
+    for p in range(n_patients):
+        anatomy = make_anatomy(rng, dims, size)
+        if sick[p]:
+            anatomy = add_lesions(rng, anatomy, dims, size)
+        for k in range(scans_per_patient):
+            if len(rows) >= n:
+                break
+            img = render(anatomy, dims, size, rng)
+            if dims == 2:
+                from PIL import Image
+
+                rel = f"scans/p{p:04d}_{k}.png"
+                Image.fromarray((img * 255).round().astype(np.uint8)).save(out / rel)
+            else:
+                import nibabel as nib
+
+                rel = f"scans/p{p:04d}_{k}.nii.gz"
+                nib.save(nib.Nifti1Image(img, np.eye(4)), str(out / rel))
+            rows.append((rel, "diseased" if sick[p] else "healthy", f"p{p:04d}"))
+    with open(out / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient"])
+        w.writerows(rows)
+    return out

@@ -1,0 +1,124 @@
+"""Encode a folder: embeddings.npz for other tools, the TensorBoard projector with thumbnails, and a static map."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import tensorboard as tb
+from .data.cache import build_cache, write_skipped
+from .data.discover import open_source
+from .data.labels import labels_from_records, read_labels_csv
+from .encoders import load_encoder
+from .errors import MedclError
+from .runs import prepare_out_dir
+from .train import encode, pick_device
+
+
+def embedding_map(features: np.ndarray, seed: int = 0):
+    """2D map for reports: UMAP if installed, else t-SNE (up to 5000 points) or PCA (more)."""
+    from sklearn.decomposition import PCA
+
+    x = features - features.mean(0)
+    if len(x) < 3:
+        return np.zeros((len(x), 2)), "none"
+    try:
+        import umap  # optional
+
+        return umap.UMAP(random_state=seed).fit_transform(x), "UMAP"
+    except ImportError:
+        pass
+    if len(x) <= 5000 and len(x) > 10:
+        from sklearn.manifold import TSNE
+
+        pre = PCA(n_components=min(50, x.shape[1], len(x))).fit_transform(x)
+        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, (len(x) - 1) / 3)).fit_transform(pre), "t-SNE"
+    return PCA(n_components=2).fit_transform(x), "PCA"
+
+
+def save_map_png(xy, labels, method, path: Path):
+    from .report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
+    labels = np.asarray(labels, dtype=object)
+    for lab in sorted(set(labels), key=str):
+        m = labels == lab
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, label=str(lab))
+    if len(set(labels)) <= 12:
+        ax.legend(markerscale=3, fontsize=8)
+    ax.set(title=f"Embeddings ({method})", xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int = 10000, positive=None,
+          overwrite=False, device="auto", progress=True, log=print) -> Path:
+    out = prepare_out_dir(out, data, overwrite=overwrite, marker="embeddings.npz")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    if classifier is not None:
+        from .finetune import load_classifier
+
+        p = Path(classifier)
+        model, meta = load_classifier(p / "classifier.pt" if p.is_dir() else p)
+        encoder, settings = model.encoder, meta["extra"].get("data", {})
+    else:
+        model = None
+        encoder, extra = load_encoder(checkpoint)
+        settings = extra.get("data", {})
+    dims = int(settings.get("dims", 2))
+    source = open_source(data, dims, "all")
+    scans = build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
+                        settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
+    write_skipped(scans.skipped, out / "skipped.csv")
+    keys = [r.key for r in scans.records]
+    table = None
+    if labels:
+        table = read_labels_csv(labels, source.root, positive)
+    elif any(r.label is not None for r in scans.records):
+        table = labels_from_records(scans.records, positive)
+    encoder = encoder.to(dev)
+    feats = encode(encoder, scans, dev)
+    label_col = [table.labels[table.row_of(k)] if table is not None and table.row_of(k) is not None else "" for k in keys]
+    patient_col = [(table.patient_of(k) or "") if table is not None else "" for k in keys]
+    split_col = [(table.splits[table.row_of(k)] or "") if table is not None and table.row_of(k) is not None
+                 else (r.split or "") for k, r in zip(keys, scans.records)]
+    prob_col = None
+    if model is not None:
+        model = model.to(dev).eval()
+        with torch.no_grad():
+            logits = model.head(torch.as_tensor(feats, device=dev))
+            prob_col = torch.softmax(logits, 1)[:, -1].cpu().numpy()
+    np.savez_compressed(out / "embeddings.npz", features=feats, paths=np.array(keys), labels=np.array(label_col),
+                        patients=np.array(patient_col), splits=np.array(split_col),
+                        **({"probability": prob_col} if prob_col is not None else {}))
+    # projector: subsample very large sets (the browser projector slows down past ~10k points)
+    n = len(keys)
+    show = np.arange(n)
+    if n > max_points:
+        show = np.sort(np.random.default_rng(0).choice(n, max_points, replace=False))
+        log(f"projector shows a random {max_points} of {n} scans (--max-points); embeddings.npz holds all")
+    header = ["path", "label", "patient", "split"] + (["probability"] if prob_col is not None else [])
+    meta = [[keys[i], label_col[i] or "-", patient_col[i] or "-", split_col[i] or "-"] +
+            ([f"{prob_col[i]:.3f}"] if prob_col is not None else []) for i in show]
+    thumbs = np.stack([tb.thumbnail(scans.batch([i])[0]) for i in show])
+    if thumbs.shape[1] == 1:
+        thumbs = np.repeat(thumbs, 3, axis=1)
+    side = thumbs.shape[-1]
+    if side > 64:  # sprite cells of at most 64 px keep the sprite loadable
+        thumbs = torch.nn.functional.interpolate(torch.as_tensor(thumbs), size=(64, 64), mode="area").numpy()
+    writer = tb.open_writer(out / "tb")
+    try:
+        tb.log_embedding(writer, feats[show], meta, header, thumbs)
+    finally:
+        writer.close()
+    xy, how = embedding_map(feats[show])
+    save_map_png(xy, [label_col[i] or "unlabeled" for i in show], how, out / "map.png")
+    log(f"embedded {n} scans ({feats.shape[1]}-d) in {time.perf_counter() - t0:.0f}s")
+    log(f"wrote {out / 'embeddings.npz'}, {out / 'map.png'} ({how}), projector in {out / 'tb'}")
+    log(f"inspect: tensorboard --logdir {out}  (PROJECTOR tab)")
+    return out

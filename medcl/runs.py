@@ -1,0 +1,40 @@
+"""Run folders: never overwrite without being asked, never write inside the user's data."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import RunDirError
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = False, marker: str = "config.yaml") -> Path:
+    """Create `out` for a new run, or check it for --resume. Raises RunDirError with what to do instead."""
+    out = Path(out)
+    if data is not None:
+        d = Path(data)
+        d = d if d.is_dir() else d.parent
+        if _inside(out, d):
+            raise RunDirError(f"--out {out} is inside the data folder {d}: medcl never writes into your data. "
+                              "Choose an output folder elsewhere.")
+    if resume:
+        if not (out / marker).is_file():
+            raise RunDirError(f"--resume: {out} holds no run to resume (no {marker}). Start it without --resume.")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{out} already exists and is not empty. Pass --resume to continue that run, "
+                              "--overwrite to replace it, or choose another --out.")
+        if (out / "config.yaml").is_file() or (out / "metrics.json").is_file() or (out / "embeddings.npz").is_file():
+            shutil.rmtree(out)
+        else:
+            raise RunDirError(f"--overwrite refused: {out} does not look like a medcl output folder; delete it yourself.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,91 @@
+"""The one place that writes to TensorBoard: scalars, view grids, evaluation figures, projector, hparams."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses sprites larger than 8192 x 8192 pixels
+
+
+def open_writer(logdir) -> "SummaryWriter":
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(logdir))
+
+
+def log_scalars(writer, values: dict, step: int, prefix: str = "") -> None:
+    for k, v in values.items():
+        if v is None:
+            continue
+        writer.add_scalar(f"{prefix}{k}", float(v), step)
+
+
+def thumbnail(x: np.ndarray) -> np.ndarray:
+    """(C, *S) scan in [0,1] -> (C, H, W) 2D picture: the image itself, or the middle axial slice of a volume."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 4:
+        x = x[:, :, :, x.shape[3] // 2]
+    return np.clip(x, 0, 1)
+
+
+def orthogonal_slices(x: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) -> (C, X, Y+Y?...) three middle slices side by side (assumes a cube, as the cache makes)."""
+    c, a, b, d = x.shape
+    return np.concatenate([x[:, a // 2, :, :], x[:, :, b // 2, :], x[:, :, :, d // 2]], axis=2)
+
+
+def _to_picture(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    pic = orthogonal_slices(x) if x.ndim == 4 else x
+    if pic.shape[0] == 1:
+        pic = np.repeat(pic, 3, axis=0)
+    lo, hi = pic.min(), pic.max()
+    return (pic - lo) / (hi - lo + 1e-8)
+
+
+def view_pair_grid(v1: torch.Tensor, v2: torch.Tensor, n: int = 8) -> np.ndarray:
+    """Rows of (view 1 | view 2) for the first n samples, as a (3, H, W) image in [0,1]."""
+    rows = []
+    for i in range(min(n, len(v1))):
+        a, b = _to_picture(v1[i].detach().float().cpu().numpy()), _to_picture(v2[i].detach().float().cpu().numpy())
+        gap = np.ones((3, a.shape[1], 2), dtype=np.float32)
+        rows.append(np.concatenate([a, gap, b], axis=2))
+        rows.append(np.ones((3, 2, rows[-1].shape[2]), dtype=np.float32))
+    return np.concatenate(rows[:-1], axis=1)
+
+
+def log_view_pairs(writer, v1, v2, step: int, tag: str = "views/pairs") -> None:
+    writer.add_image(tag, view_pair_grid(v1, v2), step, dataformats="CHW")
+
+
+def log_text(writer, tag: str, text: str, step: int = 0) -> None:
+    writer.add_text(tag, text, step)
+
+
+def log_figure(writer, tag: str, fig, step: int = 0) -> None:
+    writer.add_figure(tag, fig, step, close=True)
+
+
+def log_hparams(writer, hparams: dict, metrics: dict) -> None:
+    clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+    writer.add_hparams(clean, {f"hparam/{k}": float(v) for k, v in metrics.items() if v is not None}, run_name=".")
+
+
+def log_embedding(writer, features: np.ndarray, metadata: list, header: list, thumbs: np.ndarray | None,
+                  tag: str = "embeddings", step: int = 0) -> None:
+    """TensorBoard projector: points, metadata columns, and a thumbnail sprite (scaled to fit 8192 px)."""
+    label_img = None
+    if thumbs is not None and len(thumbs):
+        side = thumbs.shape[-1]
+        per_row = int(np.ceil(np.sqrt(len(thumbs))))
+        max_side = max(8, SPRITE_MAX_SIDE // per_row)
+        t = torch.as_tensor(thumbs, dtype=torch.float32)
+        if side > max_side:
+            t = torch.nn.functional.interpolate(t, size=(max_side, max_side), mode="area")
+        label_img = t
+    writer.add_embedding(torch.as_tensor(features, dtype=torch.float32), metadata=metadata, label_img=label_img,
+                         metadata_header=header, tag=tag, global_step=step)

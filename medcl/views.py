@@ -1,0 +1,174 @@
+"""Augmented views: one recipe (ViewsConfig), two engines.
+
+- `monai_transform`: MONAI transforms per sample on CPU (the reference; runs in DataLoader workers).
+- `BatchedViews`: the same recipe for a whole batch on the training device: crop-scale, rotation and flips as one
+  `affine_grid`/`grid_sample` resampling, then gamma, intensity, noise and blur as batched tensor ops. On a GPU this
+  keeps augmentation off the critical path (CPU workers cannot feed a modern GPU).
+
+Parameter meanings are shared: `crop_scale` is the share of the image area (volume) kept, sampled as a side
+fraction per axis in [min^(1/d), max^(1/d)] (MONAI RandScaleCrop with random_size); rotation is uniform in
++-rotate_deg per axis; gamma as in RandAdjustContrast; noise std ~ U(0, noise_std) as in RandGaussianNoise.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ViewsConfig
+
+
+def side_range(cfg: ViewsConfig, dims: int):
+    lo, hi = cfg.crop_scale
+    return lo ** (1.0 / dims), hi ** (1.0 / dims)
+
+
+def monai_transform(cfg: ViewsConfig, dims: int, size: int):
+    """Per-sample MONAI pipeline: channel-first array/tensor -> augmented tensor of shape (C, *[size]*dims)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import monai.transforms as T
+        from monai.data import set_track_meta
+
+    set_track_meta(False)  # metadata tracking costs ~3x in 2D and is not needed for views
+    lo, hi = side_range(cfg, dims)
+    rad = math.radians(cfg.rotate_deg)
+    ts = [T.RandScaleCrop(roi_scale=lo, max_roi_scale=hi, random_size=True),
+          T.Resize(spatial_size=(size,) * dims, mode="bilinear" if dims == 2 else "trilinear")]
+    ts += [T.RandFlip(prob=cfg.flip_prob, spatial_axis=a) for a in range(dims)]
+    if rad > 0:
+        ts.append(T.RandAffine(prob=1.0, rotate_range=(rad,) if dims == 2 else (rad, rad, rad),
+                               padding_mode="zeros", mode="bilinear"))
+    ts += [T.RandAdjustContrast(prob=cfg.gamma_prob, gamma=tuple(cfg.gamma)),
+           T.RandScaleIntensity(factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+           T.RandShiftIntensity(offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
+           T.RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std, sample_std=True),
+           T.RandGaussianSmooth(sigma_x=tuple(cfg.blur_sigma), sigma_y=tuple(cfg.blur_sigma),
+                                sigma_z=tuple(cfg.blur_sigma), prob=cfg.blur_prob)]
+    return T.Compose(ts)
+
+
+def _seed(*parts) -> int:
+    return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0])
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Two MONAI-augmented views per item. Randomness is a function of (seed, epoch, index), so results do not
+    depend on the number of workers and a resumed run sees the same views."""
+
+    def __init__(self, scans, transform, seed: int = 0, partner=None):
+        self.scans, self.transform, self.seed = scans, transform, seed
+        self.epoch = 0
+        self.partner = partner  # optional: index -> index of the positive partner (patient/neighbour positives)
+
+    def __len__(self):
+        return len(self.scans)
+
+    def __getitem__(self, i):
+        j = self.partner(i, self.epoch) if self.partner else i
+        views = []
+        for k, src in enumerate((i, j)):
+            self.transform.set_random_state(seed=_seed(self.seed, self.epoch, i, k))
+            x = torch.as_tensor(self.scans.batch([src])[0])
+            views.append(torch.as_tensor(self.transform(x)).float().contiguous())
+        return views[0], views[1], i
+
+
+def _rotation(angles: torch.Tensor, dims: int) -> torch.Tensor:
+    """angles: (B,) in 2D, (B, 3) in 3D -> (B, d, d) rotation matrices."""
+    if dims == 2:
+        c, s = torch.cos(angles), torch.sin(angles)
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    out = None
+    for axis in range(3):
+        a = angles[:, axis]
+        c, s = torch.cos(a), torch.sin(a)
+        eye = torch.eye(3, device=a.device, dtype=a.dtype).expand(len(a), 3, 3).clone()
+        i, j = [k for k in range(3) if k != axis]
+        eye[:, i, i], eye[:, i, j], eye[:, j, i], eye[:, j, j] = c, -s, s, c
+        out = eye if out is None else out @ eye
+    return out
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Per-sample separable gaussian blur. x: (B, C, *S); sigma: (B,) in pixels (0 = untouched)."""
+    b, c = x.shape[:2]
+    dims = x.ndim - 2
+    radius = max(1, int(math.ceil(3 * max_sigma)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    sig = sigma.clamp_min(1e-3).to(x.dtype)[:, None]
+    k = torch.exp(-0.5 * (t[None] / sig) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    identity = torch.zeros_like(k)
+    identity[:, radius] = 1
+    k = torch.where((sigma > 0)[:, None], k, identity)
+    k = k.repeat_interleave(c, 0)  # (B*C, K)
+    y = x.reshape(1, b * c, *x.shape[2:])
+    conv = F.conv2d if dims == 2 else F.conv3d
+    for axis in range(dims):
+        shape = [b * c, 1] + [1] * dims
+        shape[2 + axis] = 2 * radius + 1
+        pad = [0] * (2 * dims)
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
+        y = conv(F.pad(y, pad, mode="replicate"), k.reshape(shape), groups=b * c)
+    return y.reshape_as(x)
+
+
+class BatchedViews:
+    """The view recipe applied to a whole batch on its own device. Call with a (B, C, *S) tensor in [0, 1]."""
+
+    def __init__(self, cfg: ViewsConfig, dims: int, size: int):
+        self.cfg, self.dims, self.size = cfg, dims, size
+
+    def _u(self, lo, hi, shape, g, device):
+        return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        cfg, d = self.cfg, self.dims
+        b, dev = x.shape[0], x.device
+        x = x.float()
+        g = generator
+        lo, hi = side_range(cfg, d)
+        side = self._u(lo, hi, (b, d), g, dev)  # crop side fraction per axis
+        center = (self._u(-1, 1, (b, d), g, dev)) * (1 - side)
+        flip = torch.where(torch.rand((b, d), generator=g, device=dev) < cfg.flip_prob, -1.0, 1.0)
+        rad = math.radians(cfg.rotate_deg)
+        angles = self._u(-rad, rad, (b,) if d == 2 else (b, 3), g, dev)
+        theta = torch.diag_embed(side) @ _rotation(angles, d) @ torch.diag_embed(flip)
+        theta = torch.cat([theta, center[..., None]], -1)  # (B, d, d+1): output grid -> input coordinates
+        out_shape = (b, x.shape[1]) + (self.size,) * d
+        grid = F.affine_grid(theta, out_shape, align_corners=False)
+        v = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        red = tuple(range(1, v.ndim))
+
+        def bshape(t):
+            return t.view((b,) + (1,) * (v.ndim - 1))
+
+        def coin(p):
+            return bshape(torch.rand((b,), generator=g, device=dev) < p)
+
+        # gamma, as MONAI RandAdjustContrast: rescale to [0,1], power, scale back
+        gamma = bshape(self._u(cfg.gamma[0], cfg.gamma[1], (b,), g, dev))
+        vmin, vmax = v.amin(red, keepdim=True), v.amax(red, keepdim=True)
+        rng_ = vmax - vmin + 1e-7
+        v = torch.where(coin(cfg.gamma_prob), ((v - vmin) / rng_).clamp_min(0) ** gamma * rng_ + vmin, v)
+        scale = bshape(self._u(-cfg.intensity_scale, cfg.intensity_scale, (b,), g, dev))
+        v = torch.where(coin(cfg.intensity_prob), v * (1 + scale), v)
+        shift = bshape(self._u(-cfg.intensity_shift, cfg.intensity_shift, (b,), g, dev))
+        v = torch.where(coin(cfg.intensity_prob), v + shift, v)
+        std = bshape(self._u(0, cfg.noise_std, (b,), g, dev)) * coin(cfg.noise_prob)
+        v = v + torch.randn(v.shape, generator=g, device=dev) * std
+        if cfg.blur_prob > 0:
+            sigma = self._u(cfg.blur_sigma[0], cfg.blur_sigma[1], (b,), g, dev)
+            sigma = sigma * (torch.rand((b,), generator=g, device=dev) < cfg.blur_prob)
+            v = _gaussian_blur(v, sigma, cfg.blur_sigma[1])
+        return v
+
+
+def resolve_backend(cfg: ViewsConfig, device: torch.device) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "batched"
