@@ -25,7 +25,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, labels
     """
     gather = gather or _identity
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    z = torch.cat([z1, z2])
+    z = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
     z_all = gather(z) if gather is not _identity else z
     logits = z @ z_all.T / temperature
     m = z_all.shape[0]

@@ -20,6 +20,8 @@ def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = Fals
     out = Path(out)
     if data is not None:
         d = Path(data)
+        if not d.exists():
+            raise RunDirError(f"data not found: {d}")
         d = d if d.is_dir() else d.parent
         if _inside(out, d):
             raise RunDirError(f"--out {out} is inside the data folder {d}: medcl never writes into your data. "

@@ -133,7 +133,10 @@ class BatchedViews:
         g = generator
         lo, hi = side_range(cfg, d)
         side = self._u(lo, hi, (b, d), g, dev)  # crop side fraction per axis
-        center = (self._u(-1, 1, (b, d), g, dev)) * (1 - side)
+        # keep the crop inside the span of input pixel centres, so no view samples the zero padding at the edge
+        in_sz = torch.tensor(list(x.shape[2:])[::-1], dtype=torch.float32, device=dev)
+        max_c = ((1 - 1 / in_sz) - side * (1 - 1 / self.size)).clamp_min(0)
+        center = self._u(-1, 1, (b, d), g, dev) * max_c
         flip = torch.where(torch.rand((b, d), generator=g, device=dev) < cfg.flip_prob, -1.0, 1.0)
         rad = math.radians(cfg.rotate_deg)
         angles = self._u(-rad, rad, (b,) if d == 2 else (b, 3), g, dev)

@@ -1,0 +1,155 @@
+"""Readers on real files from ../shared/data, and clear errors on bad ones."""
+import numpy as np
+import pytest
+
+from medcl.data import discover, read_scan
+from medcl.data.cache import build_cache, to_model_array
+from medcl.errors import MedclError, ScanReadError
+from conftest import shared
+
+
+@pytest.mark.parametrize("name,ndim", [("nibabel_anatomical.nii", 3), ("dipy_aniso_vox.nii.gz", 3),
+                                        ("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", 3)])
+def test_nifti(name, ndim):
+    arr, spacing = read_scan(shared("pypi_bundled", "nifti", name))
+    assert arr.dtype == np.float32 and arr.ndim == ndim + 1 and arr.shape[0] == 1
+    assert spacing is not None and len(spacing) == ndim
+    out = to_model_array(arr, spacing, name, 3, 24, 1, "percentile")
+    assert out.shape == (1, 24, 24, 24) and 0 <= out.min() and out.max() <= 1
+
+
+def test_nifti_anisotropic_spacing_keeps_physical_aspect():
+    arr, spacing = read_scan(shared("pypi_bundled", "nifti", "dipy_aniso_vox.nii.gz"))  # 58x58x24 at 4x4x5 mm
+    assert spacing == pytest.approx((4.0, 4.0, 5.0))
+    out = to_model_array(arr, spacing, "x", 3, 32, 1, "percentile")
+    # physical extent 232 x 232 x 120 mm -> the last axis fills about half the cube, the rest is zero padding
+    filled = np.flatnonzero(out[0].max(axis=(0, 1)) > 0)
+    assert 12 <= len(filled) <= 20
+
+
+def test_4d_nifti_uses_first_volume():
+    arr, spacing = read_scan(shared("pypi_bundled", "nifti", "nibabel_example4d.nii.gz"))
+    assert arr.shape[0] == 2  # frames come in as channels
+    out = to_model_array(arr, spacing, "x", 3, 16, 1, "percentile")
+    assert out.shape == (1, 16, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "pydicomdata_US1_UNCR.dcm", "pydicomdata_emri_small.dcm"])
+def test_dicom(name):
+    arr, spacing = read_scan(shared("pypi_bundled", "dicom", name))
+    assert arr.dtype == np.float32 and arr.shape[0] in (1, 3) and np.isfinite(arr).all()
+
+
+def test_dicom_ct_applies_rescale():
+    import pydicom
+
+    p = shared("pypi_bundled", "dicom", "CT_small.dcm")
+    ds = pydicom.dcmread(str(p))
+    arr, _ = read_scan(p)
+    expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.allclose(arr[0], expected)
+
+
+def test_dicom_series_folder_is_one_volume(tmp_path):
+    import pydicom
+
+    src = shared("pypi_bundled", "dicom", "CT_small.dcm")
+    for k in range(4):  # a 4-slice series made from one real CT slice
+        ds = pydicom.dcmread(str(src))
+        ds.ImagePositionPatient = [0, 0, float(3 - k)]
+        ds.InstanceNumber = k + 1
+        ds.save_as(str(tmp_path / f"slice{k}.dcm"))
+    src3 = discover(tmp_path, dims=3)
+    assert len(src3.records) == 1 and len(src3.records[0].files) == 4
+    arr, spacing = src3.read(src3.records[0])
+    assert arr.shape == (1, 128, 128, 4)
+    assert len(discover(tmp_path, dims=2).records) == 4  # a 2D run sees slices
+
+
+@pytest.mark.parametrize("name", ["skimage_cell.png", "skimage_retina.jpg", "dermapred_dermoscopy_example.jpg"])
+def test_png_jpeg(name):
+    arr, _ = read_scan(shared("pypi_bundled", "image2d", name))
+    assert arr.ndim == 3 and arr.shape[0] in (1, 3)
+    out = to_model_array(arr, None, name, 2, 32, 1, "percentile")
+    assert out.shape == (1, 32, 32)
+
+
+def test_npy():
+    arr, _ = read_scan(shared("pypi_bundled", "npy", "dipy_t1_coronal_slice.npy"))
+    assert arr.shape == (1, 256, 256)
+
+
+def test_medmnist_npz_records_and_labels():
+    src = discover(shared("pneumoniamnist", "pneumoniamnist_reconstructed.npz"))
+    splits = {s: sum(r.split == s for r in src.records) for s in ("train", "val", "test")}
+    assert splits == {"train": 4708, "val": 524, "test": 624}
+    test_labels = [r.label for r in src.records if r.split == "test"]
+    assert sum(test_labels) == 390
+    arr, _ = src.read(src.records[0])
+    assert arr.shape == (1, 28, 28)
+
+
+def test_rgb_medmnist():
+    src = discover(shared("retinamnist", "retinamnist.npz"))
+    arr, _ = src.read(src.records[0])
+    assert arr.shape == (3, 28, 28)
+
+
+def test_jpeg_folder_discovery():
+    root = shared("chest_xray_pneumonia_224")
+    src = discover(root / "val" / "NORMAL")
+    assert len(src.records) == 237 and all(r.fmt == "image" for r in src.records)
+
+
+@pytest.mark.parametrize("content,ext,why", [
+    (b"", ".png", "empty"),
+    (b"this is not an image at all", ".png", "cannot be read"),
+    (b"\x1f\x8b\x08\x00garbage", ".nii.gz", "cannot be read"),
+    (b"not dicom", ".dcm", "not a readable DICOM"),
+])
+def test_bad_files_raise_scan_read_error(tmp_path, content, ext, why):
+    p = tmp_path / f"bad{ext}"
+    p.write_bytes(content)
+    with pytest.raises(ScanReadError) as e:
+        read_scan(p)
+    assert str(p) in str(e.value) and why in str(e.value)
+
+
+def test_truncated_nifti(tmp_path):
+    good = shared("pypi_bundled", "nifti", "dipy_aniso_vox.nii.gz").read_bytes()
+    p = tmp_path / "trunc.nii.gz"
+    p.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ScanReadError) as e:
+        read_scan(p)
+    assert "trunc.nii.gz" in str(e.value)
+
+
+def test_unusable_arrays_are_reported(tmp_path):
+    with pytest.raises(ScanReadError, match="NaN"):
+        to_model_array(np.full((1, 8, 8), np.nan, np.float32), None, "x", 2, 8, 1, "percentile")
+    with pytest.raises(ScanReadError, match="constant"):
+        to_model_array(np.ones((1, 8, 8), np.float32), None, "x", 2, 8, 1, "percentile")
+    with pytest.raises(ScanReadError, match="3D volume"):
+        to_model_array(np.random.rand(1, 8, 8, 8).astype(np.float32), None, "x", 2, 8, 1, "percentile")
+    with pytest.raises(ScanReadError, match="2D image"):
+        to_model_array(np.random.rand(1, 8, 8).astype(np.float32), None, "x", 3, 8, 1, "percentile")
+
+
+def test_cache_skips_bad_and_lists_them(tmp_path, phantoms2d):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(phantoms2d / "scans", data)
+    (data / "broken.png").write_bytes(b"nope")
+    src = discover(data)
+    scans = build_cache(src, 2, 16, progress=False)
+    assert len(scans) == 48 and len(scans.skipped) == 1 and "broken.png" in scans.skipped[0][0]
+    with pytest.raises(ScanReadError):
+        build_cache(discover(data), 2, 16, strict=True, progress=False)
+    with pytest.raises(MedclError, match="max_bad_fraction"):
+        build_cache(discover(data), 2, 16, max_bad_fraction=0.0, progress=False)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(MedclError, match="no scans found"):
+        discover(tmp_path)
