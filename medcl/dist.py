@@ -36,9 +36,26 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     DDP's gradient averaging this gives exactly the single-process gradient of the global-batch loss."""
     if world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(t.contiguous())
 
-    return torch.cat(all_gather(t.contiguous()), 0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the gradient of the gathered tensor over ranks and keeps the local slice.
+    (Keeping only the local gradient without the sum is the classic bug: gradients off by the world size.)"""
+
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(world_size())]
+        tdist.all_gather(parts, t)
+        ctx.n = t.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        tdist.all_reduce(grad)
+        r = rank()
+        return grad[r * ctx.n:(r + 1) * ctx.n]
 
 
 def all_reduce_mean(value: float) -> float:

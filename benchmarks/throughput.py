@@ -1,0 +1,148 @@
+"""Pretraining throughput: samples/s (1 sample = 2 views) of one SimCLR step, three ways, on one machine.
+
+  (a) model only: random view tensors already on the device (the bound)
+  (b) medcl's pipeline: decoded-scan cache -> batched views on the training device -> step
+  (c) peer-style: MONAI transforms per sample in CPU DataLoader workers (as many as cores) -> step
+
+Prints a table with b/a and b/c and the peak GPU memory. Usage:
+  python benchmarks/throughput.py            # GPU cases if a GPU is visible, else small CPU cases
+  python benchmarks/throughput.py --cpu      # force the CPU cases
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+warnings.filterwarnings("ignore")
+
+from medcl.config import MedclConfig, apply_overrides  # noqa: E402
+from medcl.data.cache import ScanSet  # noqa: E402
+from medcl.encoders import build_encoder  # noqa: E402
+from medcl.methods import build_method  # noqa: E402
+from medcl.train import BatchStream, build_optimizer  # noqa: E402
+from medcl.views import TwoViewDataset, monai_transform  # noqa: E402
+
+GPU_CASES = [("2D ResNet-18 128^2", 2, 128, "resnet18", 512), ("2D ResNet-50 224^2", 2, 224, "resnet50", 128),
+             ("3D ResNet-18 96^3", 3, 96, "resnet18", 16)]
+CPU_CASES = [("2D ResNet-18 64^2", 2, 64, "resnet18", 64), ("3D ResNet-18 48^3 (standard stem)", 3, 48, "resnet18", 8)]
+
+
+def setup(dims, size, name, batch, device):
+    cfg = apply_overrides(MedclConfig(), {"data": {"dims": dims, "size": size},
+                                          "encoder": {"name": name, "stem": "standard" if dims == 3 else "auto"},
+                                          "train": {"batch_size": batch}})
+    torch.manual_seed(0)
+    method = build_method("simclr", build_encoder(cfg), cfg.method).to(device)
+    cl = device.type == "cuda" and dims == 2
+    if cl:
+        method = method.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg.optim, method, device)
+    return cfg, method, opt, cl
+
+
+def step(method, opt, v1, v2, device, cl):
+    if cl:
+        v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = method(v1, v2)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def timed(batches, method, opt, device, cl, warmup, steps, batch):
+    it = iter(batches)
+    for _ in range(warmup):
+        v1, v2 = next(it)[:2]
+        step(method, opt, v1, v2, device, cl)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        v1, v2 = next(it)[:2]
+        step(method, opt, v1, v2, device, cl)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
+    cfg, method, opt, cl = setup(dims, size, name, batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    shape = (batch, 1) + (size,) * dims
+
+    def model_only():
+        while True:
+            yield torch.rand(shape, device=device), torch.rand(shape, device=device)
+
+    a = timed(model_only(), method, opt, device, cl, warmup, steps, batch)
+    n_items = batch * (warmup + steps + 1)
+    rng = np.random.default_rng(0)
+    scans = ScanSet(rng.random((n_items, 1) + (size,) * dims, dtype=np.float32), list(range(n_items)))
+    cfg.views.backend = "batched"
+    stream = BatchStream(scans, cfg, device, batch, warmup + steps + 1)
+
+    def medcl_batches():
+        for _, v1, v2, _ in stream.epoch(0):
+            yield v1, v2
+
+    b = timed(medcl_batches(), method, opt, device, cl, warmup, steps, batch)
+    ds = TwoViewDataset(scans, monai_transform(cfg.views, dims, size), seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers > 0 else None)
+
+    def monai_batches():
+        while True:
+            for v1, v2, _ in loader:
+                yield v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
+
+    c = timed(monai_batches(), method, opt, device, cl, warmup, steps, batch)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del loader
+    return dict(case=label, batch=batch, a=a, b=b, c=c, mem=mem)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--cases", nargs="*", help="substrings of case names to run")
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    cases = GPU_CASES if gpu else CPU_CASES
+    if args.cases:
+        cases = [c for c in cases if any(s in c[0] for s in args.cases)]
+    workers = os.cpu_count() or 1
+    warmup = args.warmup or (5 if gpu else 2)
+    steps = args.steps or (15 if gpu else 5)
+    where = torch.cuda.get_device_name() if gpu else f"CPU ({workers} cores)"
+    print(f"device: {where}; torch {torch.__version__}; SimCLR step, AdamW{', bf16 autocast, channels_last (2D)' if gpu else ''}; "
+          f"(c) uses {workers} DataLoader workers; {steps} timed steps after {warmup} warm-up")
+    rows = []
+    for case in cases:
+        r = run_case(*case, device, warmup, steps, workers)
+        rows.append(r)
+        print(f"  done {r['case']}", flush=True)
+    print()
+    print("| case | batch | (a) model only | (b) medcl batched views | (c) MONAI CPU workers | b/a | b/c | peak GPU mem (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['batch']} | {r['a']:.0f} | {r['b']:.0f} | {r['c']:.0f} | {r['b'] / r['a']:.2f} | "
+              f"{r['b'] / r['c']:.2f} | {r['mem']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

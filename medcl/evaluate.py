@@ -1,0 +1,178 @@
+"""The few-label protocol: label budgets x seeds x heads, pretrained vs. the same network from scratch.
+
+Writes results.csv (one row per budget x seed x head x encoder), summary.md (mean +- sd and 95% CI over seeds),
+learning_curve.png, and TensorBoard scalars + hparams.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import tensorboard as tb
+from .config import MedclConfig
+from .encoders import Encoder, load_encoder
+from .finetune import budget_rows, load_labeled, run_head, write_splits
+from .metrics import bootstrap_ci, mean_ci, score, youden_threshold
+from .runs import prepare_out_dir
+from .train import encode, pick_device, seed_everything
+
+DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
+METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+
+
+def _budgets(fractions, per_class):
+    out = []
+    if fractions is None and per_class is None:
+        fractions = DEFAULT_FRACTIONS
+    for f in fractions or []:
+        out.append(("fraction", float(f)))
+    for k in per_class or []:
+        out.append(("per_class", int(k)))
+    return out
+
+
+def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
+             heads=("knn", "linear", "mlp"), baseline: str = "finetune", epochs: int = 30, val_labels: str = "budget",
+             positive=None, overwrite=False, device="auto", progress=True, log=print) -> list:
+    out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    encoder, extra = load_encoder(checkpoint)
+    settings = extra.get("data", {})
+    ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log)
+    write_splits(ld, out / "splits.csv")
+    encoder = encoder.to(dev)
+    log(f"encoding {len(ld.scans)} labeled scans with the pretrained encoder")
+    feats = encode(encoder, ld.scans, dev)
+    budgets = _budgets(fractions, per_class)
+    rows = []
+    plan = [(b, s) for b in budgets for s in range(seeds)]
+    writer = tb.open_writer(out / "tb")
+    for i, ((kind, value), seed) in enumerate(plan, 1):
+        tr, va, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
+                                 seed, val_labels)
+        # the protocol's promise, checked on every run: test rows never train or select anything
+        assert not (set(tr.tolist()) | set(va.tolist())) & set(te.tolist())
+        runs = [("pretrained", h) for h in heads]
+        if baseline == "finetune":
+            runs.append(("scratch", "finetune"))
+        for enc_name, head in runs:
+            t1 = time.perf_counter()
+            if enc_name == "scratch":
+                seed_everything(seed)
+                enc = Encoder(**encoder.spec).to(dev)
+                pva, pte, info, _ = run_head(head, enc, ld, tr, va, te, dev, seed, epochs=epochs, progress=progress)
+            else:
+                pva, pte, info, _ = run_head(head, encoder, ld, tr, va, te, dev, seed, features=feats,
+                                             epochs=epochs, progress=progress)
+            binary = pte.shape[1] == 2
+            thr = youden_threshold(ld.y[va], pva[:, 1]) if binary else 0.5
+            m = score(ld.y[te], pte, thr)
+            row = {"budget_kind": kind, "budget": value, "n_labeled_train": len(tr), "n_labeled_val": len(va),
+                   "n_test": len(te), "seed": seed, "encoder": enc_name, "head": head, "threshold": round(thr, 4),
+                   **{k: m.get(k, float("nan")) for k in METRICS}, "seconds": round(time.perf_counter() - t1, 1)}
+            if seeds == 1:
+                lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
+                row["auc_boot_lo"], row["auc_boot_hi"] = lo, hi
+            rows.append(row)
+            tag = f"{enc_name}_{head}"
+            tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(tr),
+                           f"eval_{kind}/{tag}/seed{seed}/")
+        log(f"[{i}/{len(plan)}] {kind}={value} seed={seed} ({len(tr)} labels): " +
+            ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]))
+    _write_csv(rows, out / "results.csv")
+    summary = summarize(rows)
+    (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, val_labels))
+    learning_curve(summary, out / "learning_curve.png")
+    for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
+        sub = tb.open_writer(out / "tb" / "hparams" / f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}")
+        tb.log_hparams(sub, {"encoder": s["encoder"], "head": s["head"], "budget_kind": s["budget_kind"],
+                             "budget": s["budget"], "n_labeled": s["n_labeled_train"], "seeds": s["n_seeds"]},
+                       {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"], "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
+        sub.close()
+    writer.close()
+    (out / "protocol.json").write_text(json.dumps({"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
+                                                   "heads": list(heads), "baseline": baseline, "val_labels": val_labels,
+                                                   "splits": ld.split_source, "seconds": round(time.perf_counter() - t0)}, indent=2))
+    log(summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=True))
+    log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
+    return rows
+
+
+def _write_csv(rows, path):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def summarize(rows) -> list:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["budget_kind"], r["budget"], r["encoder"], r["head"]), []).append(r)
+    out = []
+    for (kind, budget, enc, head), rs in groups.items():
+        s = {"budget_kind": kind, "budget": budget, "encoder": enc, "head": head, "n_seeds": len(rs),
+             "n_labeled_train": float(np.mean([r["n_labeled_train"] for r in rs]))}
+        for k in METRICS:
+            mean, sd, half = mean_ci([r[k] for r in rs])
+            s[f"{k}_mean"], s[f"{k}_sd"], s[f"{k}_ci95"] = mean, sd, half
+        if len(rs) == 1 and "auc_boot_lo" in rs[0]:
+            s["auc_boot"] = (rs[0]["auc_boot_lo"], rs[0]["auc_boot_hi"])
+        out.append(s)
+    return out
+
+
+def summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=False) -> str:
+    lines = []
+    if not short:
+        lines += ["# Few-label evaluation", "",
+                  f"- encoder: `{checkpoint}`; data: {len(ld.scans)} labeled scans, splits {ld.split_source}; "
+                  f"test n = {(ld.split == 'test').sum()}",
+                  f"- {seeds} random labeled subsets per budget (stratified, from the train split only); validation "
+                  f"labels: {val_labels}; threshold for accuracy/sensitivity/specificity: Youden J on validation",
+                  "- cells: mean ± sd over seeds [95% t-interval of the mean]; with one seed, a bootstrap CI over test scans", ""]
+    lines += ["| budget | labels | encoder | head | AUC | balanced acc. | sensitivity | specificity |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def cell(s, k):
+        m, sd, h = s[f"{k}_mean"], s[f"{k}_sd"], s[f"{k}_ci95"]
+        if k == "auc" and "auc_boot" in s:
+            return f"{m:.3f} [{s['auc_boot'][0]:.3f}-{s['auc_boot'][1]:.3f}]"
+        return f"{m:.3f} ± {sd:.3f}" + (f" [±{h:.3f}]" if np.isfinite(h) else "")
+
+    for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], s["encoder"] != "pretrained", s["head"])):
+        b = f"{s['budget']:.0%}" if s["budget_kind"] == "fraction" else f"{s['budget']}/class"
+        lines.append(f"| {b} | {s['n_labeled_train']:.0f} | {s['encoder']} | {s['head']} | {cell(s, 'auc')} | "
+                     f"{cell(s, 'balanced_accuracy')} | {cell(s, 'sensitivity')} | {cell(s, 'specificity')} |")
+    return "\n".join(lines) + "\n"
+
+
+def learning_curve(summary, path: Path) -> None:
+    from .report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    series: dict = {}
+    for s in summary:
+        series.setdefault((s["encoder"], s["head"]), []).append(s)
+    for (enc, head), ss in sorted(series.items()):
+        ss = sorted(ss, key=lambda s: s["n_labeled_train"])
+        x = np.array([s["n_labeled_train"] for s in ss])
+        y = np.array([s["auc_mean"] for s in ss])
+        h = np.nan_to_num(np.array([s["auc_ci95"] for s in ss]))
+        ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}")
+        ax.fill_between(x, y - h, y + h, alpha=0.15)
+    ax.set_xscale("log")
+    ax.set(xlabel="labeled training scans", ylabel="test AUC", title="Few-label learning curve (95% CI over seeds)")
+    ax.axhline(0.5, color="k", lw=0.6, ls=":")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
