@@ -39,7 +39,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=None, help="pretraining epochs (recipe default if omitted)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1, 1.0])
-    ap.add_argument("--baseline-epochs", type=int, default=20)
+    ap.add_argument("--baseline-epochs", type=int, default=15)
+    ap.add_argument("--baseline-max-fraction", type=float, default=0.1,
+                    help="from-scratch baseline up to this fraction (fully supervised numbers are the published ones)")
     ap.add_argument("--set", action="append", default=[], help="extra pretraining config overrides")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args()
@@ -63,7 +65,8 @@ def main():
     t_pre = time.perf_counter() - t0
     t1 = time.perf_counter()
     evaluate(out / "pretrain", a.data, None, out / "eval", fractions=a.fractions, seeds=a.seeds,
-             heads=("knn", "linear", "mlp"), baseline="finetune", epochs=a.baseline_epochs, progress=False)
+             heads=("knn", "linear", "mlp"), baseline="finetune", epochs=a.baseline_epochs,
+             baseline_max_fraction=a.baseline_max_fraction, progress=False)
     t_eval = time.perf_counter() - t1
     import torch
 

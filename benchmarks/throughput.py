@@ -108,7 +108,25 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
     c = timed(monai_batches(), method, opt, device, cl, warmup, steps, batch)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del loader
-    return dict(case=label, batch=batch, a=a, b=b, c=c, mem=mem)
+    # augmentation alone, one process: batched views on the device vs MONAI per sample on CPU (views/s)
+    x = torch.as_tensor(scans.images[:batch]).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    stream.batched(x, g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        stream.batched(x, g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    d = 3 * batch / (time.perf_counter() - t)
+    tr = ds.transform
+    k = min(batch, 32)
+    t = time.perf_counter()
+    for i in range(k):
+        tr(torch.as_tensor(scans.images[i]))
+    e = k / (time.perf_counter() - t)
+    return dict(case=label, batch=batch, a=a, b=b, c=c, mem=mem, d=d, e=e)
 
 
 def main():
@@ -137,11 +155,18 @@ def main():
         rows.append(r)
         print(f"  done {r['case']}", flush=True)
     print()
+    print("samples/s (1 sample = 2 views):")
     print("| case | batch | (a) model only | (b) medcl batched views | (c) MONAI CPU workers | b/a | b/c | peak GPU mem (GiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['batch']} | {r['a']:.0f} | {r['b']:.0f} | {r['c']:.0f} | {r['b'] / r['a']:.2f} | "
               f"{r['b'] / r['c']:.2f} | {r['mem']:.1f} |")
+    print()
+    print("augmentation alone, one process, views/s:")
+    print("| case | batched views on the training device | MONAI per sample (CPU) | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['d']:.0f} | {r['e']:.0f} | {r['d'] / r['e']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--heads", nargs="*", default=["knn", "linear", "mlp"], help="knn linear mlp finetune")
     v.add_argument("--baseline", choices=("finetune", "none"), default="finetune",
                    help="train the same network from scratch on the same subsets (default) or skip it")
+    v.add_argument("--baseline-max-fraction", type=float, default=1.0,
+                   help="run the from-scratch baseline only up to this label fraction (it is the slow part on CPU)")
     v.add_argument("--epochs", type=int, default=30, help="max epochs for finetune heads and the baseline")
     v.add_argument("--val-labels", choices=("budget", "all"), default="budget")
     v.add_argument("--positive")
@@ -198,7 +200,8 @@ def main(argv=None) -> int:
 
             evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class,
                      seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, val_labels=a.val_labels,
-                     positive=a.positive, overwrite=a.overwrite, progress=progress)
+                     positive=a.positive, overwrite=a.overwrite, baseline_max_fraction=a.baseline_max_fraction,
+                     progress=progress)
     except MedclError as e:
         print(f"medcl {a.command}: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ class ViewsConfig:
 @dataclass
 class EncoderConfig:
     name: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 (MONAI)
-    stem: str = "auto"  # small (3x3 stride 1, no max-pool) | standard (7x7 stride 2 + max-pool) | auto (small if size<=64)
+    stem: str = "auto"  # small (3x3 stride 1, no max-pool) | standard (7x7 stride 2 + max-pool) | auto (small if size<=32)
     widen_factor: float = 1.0  # channel multiplier; 0.25-0.5 makes fast CPU models
 
 

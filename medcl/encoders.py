@@ -17,7 +17,7 @@ _DEPTHS = {"resnet10": ("basic", [1, 1, 1, 1]), "resnet18": ("basic", [2, 2, 2, 
 
 
 def resolve_stem(stem: str, size: int) -> str:
-    return stem if stem != "auto" else ("small" if size <= 64 else "standard")
+    return stem if stem != "auto" else ("small" if size <= 32 else "standard")
 
 
 class Encoder(nn.Module):

@@ -38,7 +38,8 @@ def _budgets(fractions, per_class):
 
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
              heads=("knn", "linear", "mlp"), baseline: str = "finetune", epochs: int = 30, val_labels: str = "budget",
-             positive=None, overwrite=False, device="auto", progress=True, log=print) -> list:
+             positive=None, overwrite=False, device="auto", baseline_max_fraction: float = 1.0, progress=True,
+             log=print) -> list:
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -59,7 +60,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         # the protocol's promise, checked on every run: test rows never train or select anything
         assert not (set(tr.tolist()) | set(va.tolist())) & set(te.tolist())
         runs = [("pretrained", h) for h in heads]
-        if baseline == "finetune":
+        if baseline == "finetune" and (kind != "fraction" or value <= baseline_max_fraction):
             runs.append(("scratch", "finetune"))
         for enc_name, head in runs:
             t1 = time.perf_counter()

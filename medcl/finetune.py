@@ -176,7 +176,7 @@ def fit_mlp(ftr, ytr, fva, yva, n_classes: int, seed: int = 0):
                           for c in range(n_classes) if counts[c] > 0])
     best = None
     for alpha in (1e-3, 1e-1, 1.0):
-        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=300, early_stopping=False,
+        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=200, early_stopping=False,
                             random_state=seed).fit(scaler.transform(ftr[idx]), ytr[idx])
         s = _auc_or_acc(yva, _full_proba(clf, scaler.transform(fva), n_classes)) if len(np.unique(yva)) > 1 else -alpha
         if best is None or s > best[0]:

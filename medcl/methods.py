@@ -173,7 +173,7 @@ class MoCoV2(_Momentum):
         q1, q2 = self.embed(v1), self.embed(v2)
         k1, k2 = self.target(v1), self.target(v2)
         t = self.cfg.temperature
-        negatives = self.queue[: int(self.queue_filled)]
+        negatives = self.queue[: int(self.queue_filled)].clone()  # the enqueue below writes in place
         loss = (losses.infonce_queue(q1, k2, negatives, t) + losses.infonce_queue(q2, k1, negatives, t)) / 2
         if self.training:
             self._enqueue(torch.cat([k1, k2]))

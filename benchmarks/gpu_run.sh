@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (run through the lent-GPU tool; see docs/gpu.md). Arguments: which parts to run.
+# Needs monai/nibabel/pydicom wheels in .whl/ when the GPU image lacks them, and the PneumoniaMNIST .npz in .gpu_data/.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ! python3 -c "import monai" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" | tee -a "$OUT/gpu.txt"
+for part in "$@"; do
+  case $part in
+    throughput) timeout 300 python3 benchmarks/throughput.py 2>&1 | tee "$OUT/throughput.txt" ;;
+    demo) timeout 120 python3 -m medcl --quiet demo --out /tmp/demo_gpu --overwrite 2>&1 | tail -4 | tee "$OUT/demo.txt" ;;
+    methods) timeout 260 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 30 2>&1 | tee "$OUT/methods.txt" ;;
+    fewlabel) timeout 400 python3 benchmarks/few_label.py --data .gpu_data/pneumoniamnist_reconstructed.npz \
+                --out /tmp/bench_pm --overwrite --epochs 100 --seeds 5 2>&1 | tee "$OUT/few_label.txt" ;;
+  esac
+done

@@ -1,0 +1,82 @@
+"""Compare contrastive methods with the same budget on PneumoniaMNIST (../shared/data).
+
+For each method: pretrain on the train split without labels (configs/pretrain/medmnist28.yaml, same epochs), then a
+linear probe on 10% of the train labels (validation labels at the same budget), tested on the official test split.
+SupCon uses the labels of the same 10% subset only (label -1 elsewhere).
+
+Usage:  python benchmarks/methods.py [--epochs 10] [--methods simclr byol ...] [--data path.npz]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = Path(__file__).resolve().parents[1]
+NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_reconstructed.npz"
+ALL = ["simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "simsiam", "barlow", "vicreg"]
+LR = {"byol": 5e-4, "simsiam": 5e-4, "moco_v3": 1e-3}  # the rest use the recipe's learning rate
+
+
+def main():
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import numpy as np
+
+    from medcl.config import load_config, parse_set
+    from medcl.data.discover import open_npz
+    from medcl.data.labels import labels_from_records, select_budget
+    from medcl.finetune import finetune
+    from medcl.train import pretrain
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(NPZ))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--methods", nargs="*", default=ALL)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not Path(a.data).is_file():
+        print(f"skipped: {a.data} not found")
+        return 0
+    out = Path(a.out or tempfile.mkdtemp(prefix="medcl_methods_"))
+    # SupCon's labels: the same 10% train subset the probe uses (seed 0), never val/test
+    recs = open_npz(Path(a.data)).records
+    table = labels_from_records(recs)
+    y = table.y()
+    train_rows = np.flatnonzero(np.array(table.splits) == "train")
+    keep = set(select_budget(y, train_rows, 0.1, seed=0).tolist())
+    table.splits = [s if (s != "train" or i in keep) else "test" for i, s in enumerate(table.splits)]  # hide the rest
+    rows = []
+    for m in a.methods:
+        cfg = load_config(ROOT / "configs" / "pretrain" / "medmnist28.yaml", parse_set(a.set + [f"method.name={m}"]))
+        cfg.train.epochs = a.epochs
+        if m in LR:
+            cfg.optim.lr = LR[m]
+        t0 = time.perf_counter()
+        pretrain(a.data, out / m, cfg, labels=table if m == "supcon" else None, progress=False, log=lambda *x: None)
+        t_pre = time.perf_counter() - t0
+        met = finetune(out / m, a.data, None, out / f"{m}_probe", label_fraction=0.1, mode="probe", seed=0,
+                       progress=False, log=lambda *x: None)
+        rows.append((m, t_pre, met["test"]["auc"], met["test"]["balanced_accuracy"]))
+        print(f"  {m}: pretrain {t_pre:.0f}s, probe AUC {met['test']['auc']:.3f}", flush=True)
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nPneumoniaMNIST, {a.epochs} pretraining epochs each ({cfg.encoder.name} x{cfg.encoder.widen_factor}, "
+          f"{cfg.data.size} px, batch {cfg.train.batch_size}) on {where}; linear probe with 10% of train labels; "
+          "official test split (624)")
+    print("| method | pretrain time (s) | test AUC | balanced accuracy |")
+    print("|---|---|---|---|")
+    for m, t, auc, bacc in rows:
+        print(f"| {m} | {t:.0f} | {auc:.3f} | {bacc:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
