@@ -12,10 +12,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" | tee -a "$OUT/gpu.txt"
 for part in "$@"; do
   case $part in
-    throughput) timeout 300 python3 benchmarks/throughput.py 2>&1 | tee "$OUT/throughput.txt" ;;
-    demo) timeout 120 python3 -m medcl --quiet demo --out /tmp/demo_gpu --overwrite 2>&1 | tail -4 | tee "$OUT/demo.txt" ;;
-    methods) timeout 260 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 30 2>&1 | tee "$OUT/methods.txt" ;;
-    fewlabel) timeout 400 python3 benchmarks/few_label.py --data .gpu_data/pneumoniamnist_reconstructed.npz \
+    throughput) timeout 240 python3 benchmarks/throughput.py --warmup 3 --steps 10 2>&1 | tee "$OUT/throughput.txt" ;;
+    demo) timeout 60 python3 -m medcl --quiet demo --out /tmp/demo_gpu --overwrite 2>&1 | tail -4 | tee "$OUT/demo.txt" ;;
+    methods) timeout 200 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 20 2>&1 | tee "$OUT/methods.txt" ;;
+    fewlabel) timeout 240 python3 benchmarks/few_label.py --data .gpu_data/pneumoniamnist_reconstructed.npz \
                 --out /tmp/bench_pm --overwrite --epochs 100 --seeds 5 2>&1 | tee "$OUT/few_label.txt" ;;
   esac
 done
