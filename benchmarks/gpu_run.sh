@@ -14,7 +14,7 @@ for part in "$@"; do
   case $part in
     throughput) timeout 240 python3 benchmarks/throughput.py --warmup 3 --steps 10 2>&1 | tee "$OUT/throughput.txt" ;;
     demo) timeout 60 python3 -m medcl --quiet demo --out /tmp/demo_gpu --overwrite 2>&1 | tail -4 | tee "$OUT/demo.txt" ;;
-    methods) timeout 200 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 20 2>&1 | tee "$OUT/methods.txt" ;;
+    methods) timeout 200 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 20 --methods ${METHODS:-simclr supcon pair triplet moco_v2 moco_v3 byol simsiam barlow vicreg} 2>&1 | tee "$OUT/methods.txt" ;;
     fewlabel) timeout 240 python3 benchmarks/few_label.py --data .gpu_data/pneumoniamnist_reconstructed.npz \
                 --out /tmp/bench_pm --overwrite --epochs 100 --seeds 5 2>&1 | tee "$OUT/few_label.txt" ;;
   esac

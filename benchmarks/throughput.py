@@ -98,14 +98,15 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
     ds = TwoViewDataset(scans, monai_transform(cfg.views, dims, size), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         prefetch_factor=4 if workers > 0 else None)
+                                         prefetch_factor=2 if workers > 0 else None)
 
     def monai_batches():
         while True:
             for v1, v2, _ in loader:
                 yield v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
 
-    c = timed(monai_batches(), method, opt, device, cl, warmup, steps, batch)
+    # warm up past the workers' prefetched batches, so (c) is the steady state, not a drained queue
+    c = timed(monai_batches(), method, opt, device, cl, warmup + 2 * workers, steps, batch)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del loader
     # augmentation alone, one process: batched views on the device vs MONAI per sample on CPU (views/s)

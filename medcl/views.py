@@ -162,13 +162,26 @@ class BatchedViews:
         v = torch.where(coin(cfg.intensity_prob), v * (1 + scale), v)
         shift = bshape(self._u(-cfg.intensity_shift, cfg.intensity_shift, (b,), g, dev))
         v = torch.where(coin(cfg.intensity_prob), v + shift, v)
-        std = bshape(self._u(0, cfg.noise_std, (b,), g, dev)) * coin(cfg.noise_prob)
-        v = v + torch.randn(v.shape, generator=g, device=dev) * std
-        if cfg.blur_prob > 0:
-            sigma = self._u(cfg.blur_sigma[0], cfg.blur_sigma[1], (b,), g, dev)
-            sigma = sigma * (torch.rand((b,), generator=g, device=dev) < cfg.blur_prob)
-            v = _gaussian_blur(v, sigma, cfg.blur_sigma[1])
+        # noise and blur touch only the chosen samples: exactly round(p * B) of them, picked by a random
+        # permutation on the device (same per-sample probability as a coin flip, and no host sync to count them)
+        sel = self._pick(cfg.noise_prob, b, g, dev)
+        if sel is not None:
+            std = self._u(0, cfg.noise_std, (len(sel),), g, dev).view((-1,) + (1,) * (v.ndim - 1))
+            v = v.index_add(0, sel, torch.randn((len(sel),) + v.shape[1:], generator=g, device=dev) * std)
+        sel = self._pick(cfg.blur_prob, b, g, dev)
+        if sel is not None:
+            sigma = self._u(cfg.blur_sigma[0], cfg.blur_sigma[1], (len(sel),), g, dev)
+            v = v.index_copy(0, sel, _gaussian_blur(v.index_select(0, sel), sigma, cfg.blur_sigma[1]))
         return v
+
+    @staticmethod
+    def _pick(p: float, b: int, g, dev):
+        k = int(round(p * b)) if p < 1 else b
+        if p > 0 and k == 0:  # small batches: keep the expected rate with a coin for a single sample
+            k = int(torch.rand((), generator=g, device=dev).item() < p * b)
+        if k == 0:
+            return None
+        return torch.randperm(b, generator=g, device=dev)[:k]
 
 
 def resolve_backend(cfg: ViewsConfig, device: torch.device) -> str:
