@@ -95,12 +95,13 @@ class BatchStream:
     """Yields (v1, v2, idx) for one epoch from `start_step`; idx are indices into the ScanSet."""
 
     def __init__(self, scans: ScanSet, cfg: MedclConfig, device, global_batch: int, steps: int, partner=None,
-                 labels=None):
+                 pairing=None):
         self.scans, self.cfg, self.device = scans, cfg, device
         self.global_batch, self.steps = global_batch, steps
         self.local_batch = global_batch // dist.world_size()
         self.backend = resolve_backend(cfg.views, device)
         self.partner = partner
+        self.pairing = pairing  # (x, generator) -> (x1, x2): positives made from one item (neighbouring slices)
         self.size = cfg.data.size
         self.on_device = None
         if self.backend == "batched":
@@ -125,6 +126,8 @@ class BatchStream:
         seed = self.cfg.train.seed
         order = epoch_order(len(self.scans), seed, epoch)
         if self.backend == "monai":
+            if self.pairing is not None:
+                raise MedclError("method.positives=neighbors needs views.backend=batched (or auto).")
             yield from self._monai_epoch(order, epoch, start_step)
             return
         def fetch(step):
@@ -142,6 +145,8 @@ class BatchStream:
         def make_views(step, x1, x2):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(_seed(seed, epoch, step, dist.rank()))  # views depend only on (seed, epoch, step, rank)
+            if self.pairing is not None:
+                x1, x2 = self.pairing(x1, gen)
             return self.batched(x1, gen), self.batched(x2 if x2 is not None else x1, gen)
 
         q: queue.Queue = queue.Queue(maxsize=3)
@@ -282,9 +287,10 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(cfg.train.seed)
 
-    source = open_source(data, cfg.data.dims, cfg.data.npz_split)
+    cache_dims = 3 if cfg.method.positives == "neighbors" else cfg.data.dims  # 2D neighbours are slices of volumes
+    source = open_source(data, cache_dims, cfg.data.npz_split)
     log(f"found {len(source.records)} scans in {data}")
-    scans = build_cache(source, cfg.data.dims, cfg.data.size, cfg.data.channels, cfg.data.intensity, cfg.data.strict,
+    scans = build_cache(source, cache_dims, cfg.data.size, cfg.data.channels, cfg.data.intensity, cfg.data.strict,
                         cfg.data.max_bad_fraction, out / "cache", cfg.data.cache_max_gb, cfg.data.num_workers,
                         progress and main)
     if main:
@@ -313,8 +319,6 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     partner = None
     if cfg.method.positives == "patient":
         partner = make_partner("patient", patients_of(scans.records, labels), cfg.train.seed)
-    elif cfg.method.positives == "neighbors":
-        partner = None  # neighbours are built inside the batch (see NeighborViews)
     model = method
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
@@ -342,12 +346,11 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     elif resume:
         log("no checkpoint yet: starting from the beginning")
 
-    stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner)
-    if cfg.method.positives == "neighbors":
-        stream = NeighborStream(stream, cfg)
+    pairing = neighbor_pairing(cfg) if cfg.method.positives == "neighbors" else None
+    stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing)
     writer = tb.open_writer(out / "tb") if main else None
     probe = None
-    if probe_labels is not None:
+    if probe_labels is not None and cache_dims == cfg.data.dims:
         probe = probe_labels.probe_set(scans)
     extra = {"data": {"dims": cfg.data.dims, "size": cfg.data.size, "channels": cfg.data.channels,
                       "intensity": cfg.data.intensity}, "method": cfg.method.name}
@@ -440,17 +443,35 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     return out
 
 
-class NeighborStream:
-    """Positional positives (Zeng et al. 2021) for volumes: the second item of each pair is the same volume shifted
-    by up to `method.neighbor_distance` voxels along the slice axis, so the two views come from nearby positions."""
+def neighbor_pairing(cfg):
+    """Positional positives (Zeng et al. 2021) from cached volumes (B, C, S, S, S).
 
-    def __init__(self, inner: BatchStream, cfg):
-        self.inner, self.cfg = inner, cfg
-        self.backend = inner.backend
+    2D encoder: each item gives a random slice along the last axis and a second slice at most
+    `method.neighbor_distance` slices away. 3D encoder: the item and a copy shifted along the last axis by up to
+    that distance (zero-filled), i.e. two overlapping sub-volumes of one scan.
+    """
+    d = max(1, cfg.method.neighbor_distance)
+    dims = cfg.data.dims
 
-    def epoch(self, epoch, start_step=0):
-        d = self.cfg.method.neighbor_distance
-        for step, v1, v2, idx in self.inner.epoch(epoch, start_step):
-            g = torch.Generator().manual_seed(_seed(self.cfg.train.seed, epoch, step, 99))
-            shift = int(torch.randint(-d, d + 1, (1,), generator=g))
-            yield step, v1, torch.roll(v2, shifts=shift, dims=-1), idx
+    def pair(x, g):
+        b, s = x.shape[0], x.shape[-1]
+        dev = x.device
+        off = torch.randint(1, d + 1, (b,), generator=g, device=dev) * torch.where(
+            torch.rand((b,), generator=g, device=dev) < 0.5, -1, 1)
+        if dims == 3:
+            shift = int(off[0].item())  # one shift per batch keeps it a single roll
+            x2 = torch.roll(x, shifts=shift, dims=-1)
+            if shift > 0:
+                x2[..., :shift] = 0
+            else:
+                x2[..., shift:] = 0
+            return x, x2
+        # slices away from the (zero-padded) ends, so both lie inside the scan
+        lo, hi = d, s - d
+        k1 = torch.randint(lo, max(lo + 1, hi), (b,), generator=g, device=dev)
+        k2 = (k1 + off).clamp(0, s - 1)
+        ar = torch.arange(b, device=dev)
+        xs = x.movedim(-1, 1)  # (B, S, C, H, W)
+        return xs[ar, k1], xs[ar, k2]
+
+    return pair

@@ -1,0 +1,143 @@
+"""Every method: a short CPU training on tiny synthetic data lowers the loss without collapsing; every method runs
+through `pretrain` in 2D and the main ones in 3D; patient and neighbour positives on real data."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from medcl.config import MedclConfig, apply_overrides
+from medcl.data.synthetic import make_anatomy, add_lesions, render
+from medcl.encoders import build_encoder
+from medcl.methods import METHODS, build_method
+from medcl.monitors import collapse_metrics, is_collapsed
+from medcl.train import pretrain
+from medcl.views import BatchedViews
+from conftest import shared
+
+TINY = {"encoder": {"name": "resnet10", "widen_factor": 0.125}, "method": {"proj_hidden": 64, "proj_dim": 32,
+                                                                           "pred_hidden": 64, "queue_size": 256}}
+
+
+def tiny_images(n=32, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = make_anatomy(rng, 2, size)
+        if i % 2:
+            a = add_lesions(rng, a, 2, size)
+        out.append(render(a, 2, size, rng))
+    return torch.tensor(np.stack(out))[:, None]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_short_training_lowers_loss_without_collapse(name):
+    torch.manual_seed(0)
+    cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"size": 16}})
+    method = build_method(name, build_encoder(cfg), cfg.method)
+    opt = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    x = tiny_images()
+    labels = torch.arange(len(x)) % 2
+    views = BatchedViews(cfg.views, 2, 16)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(40):
+        out = method(views(x, g), views(x, g), labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.step_end(step / 40)
+        losses.append(out["loss"].item())
+    assert np.isfinite(losses).all()
+    # steps 4-12 as the start: MoCo v2 begins with random queue negatives, which are easier than real keys
+    assert np.mean(losses[-8:]) < np.mean(losses[4:12]), f"{name}: loss did not fall ({losses[:3]} -> {losses[-3:]})"
+    with torch.no_grad():
+        method.eval()
+        m = collapse_metrics(method.embed(x))
+    assert is_collapsed(m, 32) is None and m["rankme"] > 2, f"{name} collapsed: {m}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims,names", [(2, sorted(METHODS)), (3, ["simclr", "byol", "vicreg", "triplet"])])
+def test_pretrain_runs_every_method(tmp_path, phantoms2d, phantoms3d, dims, names):
+    from medcl.data.labels import read_labels_csv
+
+    data = phantoms2d if dims == 2 else phantoms3d
+    labels = read_labels_csv(data / "labels.csv", data)
+    for name in names:
+        cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"dims": dims, "size": 16},
+                                              "method": {**TINY["method"], "name": name},
+                                              "train": {"epochs": 1, "batch_size": 8, "max_steps": 2}})
+        out = pretrain(data, tmp_path / f"{dims}_{name}", cfg, labels=labels, progress=False, log=lambda *a: None)
+        assert (out / "encoder.pt").is_file()
+
+
+@pytest.mark.slow
+def test_patient_positives_on_real_csv(tmp_path):
+    root = shared("chest_xray_pneumonia_224")
+    # a small folder view of the real data: 40 scans of patients with 2+ images, via a CSV with a patient column
+    rows = list(csv.DictReader(open(root / "labels.csv")))
+    by_p = {}
+    for r in rows:
+        by_p.setdefault(r["patient"], []).append(r)
+    multi = [rs[:2] for p, rs in sorted(by_p.items()) if len(rs) >= 2]
+    multi = [rs for rs in multi if rs[0]["label"] == "normal"][:10] + [rs for rs in multi if rs[0]["label"] != "normal"][:10]
+    sub = tmp_path / "labels.csv"
+    with open(sub, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "patient"])
+        for rs in multi:
+            for r in rs:
+                w.writerow([r["path"], r["label"], r["patient"]])
+    from medcl.data.labels import read_labels_csv
+    from medcl.train import make_partner, patients_of
+    from medcl.data.discover import ScanRecord
+
+    table = read_labels_csv(sub, root)
+    recs = [ScanRecord(k, "image") for k in table.keys]
+    pats = patients_of(recs, table)
+    partner = make_partner("patient", pats, seed=0)
+    idx = np.arange(len(recs))
+    pj = partner(idx, 0)
+    assert all(pats[i] == pats[j] and i != j for i, j in zip(idx, pj))
+    # and a real pretraining run with patient positives on those JPEGs (folder = the labeled subset)
+    import shutil
+
+    data = tmp_path / "cxr"
+    for k in table.keys:
+        (data / k).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / k, data / k)
+    cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"size": 32}, "method": {**TINY["method"], "positives": "patient"},
+                                          "train": {"epochs": 1, "batch_size": 16, "max_steps": 2}})
+    pretrain(data, tmp_path / "run", cfg, labels=table, progress=False, log=lambda *a: None)
+    assert (tmp_path / "run" / "encoder.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims", [2, 3])
+def test_neighbor_positives_on_real_volumes(tmp_path, dims):
+    import shutil
+
+    src = shared("brats2013_deepmedic_examples", "train")
+    data = tmp_path / "vols"
+    for f in sorted(src.rglob("Flair_subtrMeanDivStd.nii.gz")):
+        dst = data / f.parent.name / f.name
+        dst.parent.mkdir(parents=True)
+        shutil.copy(f, dst)
+    cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"dims": dims, "size": 24},
+                                          "method": {**TINY["method"], "positives": "neighbors", "neighbor_distance": 2},
+                                          "train": {"epochs": 1, "batch_size": 2}})
+    pretrain(data, tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    enc = torch.load(tmp_path / "run" / "encoder.pt", weights_only=True)
+    assert enc["spec"]["spatial_dims"] == dims
+
+
+def test_neighbor_pairing_picks_nearby_slices():
+    from medcl.train import neighbor_pairing
+
+    cfg = apply_overrides(MedclConfig(), {"method": {"positives": "neighbors", "neighbor_distance": 2}})
+    vol = torch.arange(16, dtype=torch.float32).view(1, 1, 1, 1, 16).expand(50, 1, 4, 4, 16).contiguous()
+    a, b = neighbor_pairing(cfg)(vol, torch.Generator().manual_seed(0))
+    assert a.shape == (50, 1, 4, 4)
+    gap = (a[:, 0, 0, 0] - b[:, 0, 0, 0]).abs()
+    assert gap.min() >= 1 and gap.max() <= 2
