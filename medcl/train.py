@@ -236,12 +236,27 @@ def patients_of(records, labels_table=None):
     return out
 
 
+def _rng_state() -> dict:
+    """Global RNG states as tensors/strings only, so the checkpoint loads with weights_only=True.
+    (medcl's own randomness is keyed by (seed, epoch, step); these cover user code and libraries.)"""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_rest": json.dumps([int(pos), int(has_gauss), float(gauss)]), "python": json.dumps(random.getstate(), default=list)}
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    pos, has_gauss, gauss = json.loads(st["numpy_rest"])
+    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    v, internal, g = json.loads(st["python"])
+    random.setstate((v, tuple(internal), g))
+
+
 def _checkpoint_state(method, opt, sched, scaler, epoch, step, global_step, cfg):
     return {"format": "medcl-checkpoint-v1", "model": method.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "epoch": epoch, "step": step, "global_step": global_step,
-            "rng": {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
-                    "python": json.dumps(random.getstate()[1])},
+            "rng": _rng_state(),
             "config": cfg.to_dict()}
 
 
@@ -339,7 +354,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{out}/checkpoints/last.pt does not match this run's model ({str(e)[:200]}).") from None
         start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        _set_rng_state(ckpt["rng"])
         if start_step >= steps_per_epoch:
             start_epoch, start_step = start_epoch + 1, 0
         log(f"resuming at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
@@ -349,6 +364,14 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     pairing = neighbor_pairing(cfg) if cfg.method.positives == "neighbors" else None
     stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing)
     writer = tb.open_writer(out / "tb") if main else None
+    loss_log = None
+    if main:  # one line per step; on resume, steps after the checkpoint (lost with the killed process) are dropped
+        lp = out / "loss.csv"
+        kept = []
+        if resume and lp.is_file():
+            kept = [ln for ln in lp.read_text().splitlines()[1:] if ln and int(ln.split(",")[0]) <= global_step]
+        lp.write_text("step,epoch,loss\n" + "".join(ln + "\n" for ln in kept))
+        loss_log = open(lp, "a")
     probe = None
     if probe_labels is not None and cache_dims == cfg.data.dims:
         probe = probe_labels.probe_set(scans)
@@ -388,6 +411,9 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 extra_scalars = method.step_end(global_step / max(1, total))
                 n_last += len(v1) * world
                 last_loss = loss.item()
+                if loss_log is not None:
+                    loss_log.write(f"{global_step},{epoch + 1},{last_loss:.8g}\n")
+                    loss_log.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 bar.update()
                 if main and (global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1):
@@ -435,6 +461,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     finally:
         if writer is not None:
             writer.close()
+        if loss_log is not None:
+            loss_log.close()
     dist.barrier()
     if main:
         log(f"wrote {out / 'encoder.pt'}, {out / 'checkpoints' / 'last.pt'}, {out / 'config.yaml'}, TensorBoard events in {out / 'tb'}")
