@@ -35,14 +35,15 @@ def test_pretrain_finetune_embed(tmp_path, phantoms2d, phantoms3d, dims, size):
     data = phantoms2d if dims == 2 else phantoms3d
     run, ft, emb = tmp_path / "run", tmp_path / "ft", tmp_path / "emb"
     r = medcl("pretrain", data, "--out", run, "--dims", dims, "--epochs", 1, "--batch-size", 8,
-              "--set", f"data.size={size}", *TINY)
+              "--set", f"data.size={size}", "--probe-labels", data / "labels.csv", *TINY)
     assert "wrote" in r.stdout
     for f in ("config.yaml", "checkpoints/last.pt", "encoder.pt", "skipped.csv"):
         assert (run / f).is_file(), f
     enc = torch.load(run / "encoder.pt", weights_only=True)
     assert enc["format"] == "medcl-encoder-v1" and enc["spec"]["spatial_dims"] == dims
     t = tags(run / "tb")
-    assert {"pretrain/loss", "pretrain/lr", "pretrain/images_per_s", "monitor/std", "monitor/rankme"} <= set(t["scalars"])
+    assert {"pretrain/loss", "pretrain/lr", "pretrain/images_per_s", "monitor/std", "monitor/rankme",
+            "monitor/knn_auc"} <= set(t["scalars"])
     assert "views/pairs" in t["images"]
 
     medcl("finetune", "--checkpoint", run, "--data", data, "--labels", data / "labels.csv", "--out", ft,
