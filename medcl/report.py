@@ -73,10 +73,10 @@ def calibration_figure(y, p, bins=10):
     return fig
 
 
-def wrong_gallery(scans, idx, y, p, names, k=8):
-    """The k test scans the classifier was most confidently wrong about."""
+def wrong_gallery(scans, idx, y, p, names, threshold=0.5, k=8):
+    """The k test scans the classifier was most confidently wrong about (at the chosen threshold)."""
     plt = _plt()
-    pred = (p >= 0.5).astype(int)
+    pred = (p >= threshold).astype(int)
     conf = np.where(pred == 1, p, 1 - p)
     wrong = np.flatnonzero(pred != y)
     if len(wrong) == 0:
@@ -105,7 +105,7 @@ def log_evaluation(writer, ld, test_idx, proba, threshold, metrics) -> None:
         tb.log_figure(writer, "test/roc", roc_figure(y, p))
         tb.log_figure(writer, "test/pr", pr_figure(y, p))
         tb.log_figure(writer, "test/calibration", calibration_figure(y, p))
-        fig = wrong_gallery(ld.scans, test_idx, y, p, names)
+        fig = wrong_gallery(ld.scans, test_idx, y, p, names, threshold)
         if fig is not None:
             tb.log_figure(writer, "test/most_confident_errors", fig)
     from sklearn.metrics import classification_report

@@ -227,3 +227,60 @@ def test_fuzz_random_arrays_through_reader_and_views(shape, fill):
             return
     v = BatchedViews(ViewsConfig(), 2, 16)(torch.as_tensor(out)[None])
     assert v.shape == (1, 1, 16, 16) and torch.isfinite(v).all()
+
+
+def test_dicom_without_pixel_data(tmp_path):
+    import pydicom
+
+    from conftest import shared
+    from medcl.data.readers import read_scan
+    from medcl.errors import ScanReadError
+
+    ds = pydicom.dcmread(str(shared("pypi_bundled", "dicom", "CT_small.dcm")))
+    del ds.PixelData
+    p = tmp_path / "nopixels.dcm"
+    ds.save_as(str(p))
+    with pytest.raises(ScanReadError, match="no pixel data"):
+        read_scan(p)
+
+
+def test_unreadable_file_is_reported(tmp_path, monkeypatch):
+    from medcl.data import readers
+    from medcl.errors import ScanReadError
+
+    p = tmp_path / "locked.png"
+    p.write_bytes(b"\x89PNG....")
+    monkeypatch.setattr(readers.os, "access", lambda path, mode: False)  # root ignores chmod; simulate it
+    with pytest.raises(ScanReadError, match="permission denied"):
+        readers.read_scan(p)
+
+
+def test_rgb_tiny_and_mixed_dims(tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    from medcl.data import discover
+    from medcl.data.cache import build_cache, to_model_array
+    from medcl.errors import ScanReadError
+
+    rgb = np.random.rand(3, 20, 20).astype(np.float32)
+    assert to_model_array(rgb, None, "rgb", 2, 16, 1, "percentile").shape == (1, 16, 16)  # averaged to gray
+    assert to_model_array(rgb[:1], None, "g", 2, 16, 3, "percentile").shape == (3, 16, 16)
+    assert to_model_array(np.random.rand(1, 6, 6).astype(np.float32), None, "small", 2, 16, 1, "percentile").shape == (1, 16, 16)
+    with pytest.raises(ScanReadError, match="too small"):
+        to_model_array(np.random.rand(1, 2, 2).astype(np.float32), None, "tiny", 2, 16, 1, "percentile")
+    for i in range(4):
+        Image.fromarray((np.random.rand(12, 12) * 255).astype(np.uint8)).save(tmp_path / f"img{i}.png")
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    scans = build_cache(discover(tmp_path), 2, 16, progress=False)
+    assert len(scans) == 4 and "vol.nii.gz" in scans.skipped[0][0] and "--dims 3" in scans.skipped[0][1]
+
+
+def test_labels_paths_not_found(tmp_path, phantoms2d):
+    from medcl.errors import LabelsError
+    from medcl.finetune import load_labeled
+
+    csv_ = tmp_path / "labels.csv"
+    csv_.write_text("path,label\nscans/p0000_0.png,healthy\nscans/nothere.png,diseased\n")
+    with pytest.raises(LabelsError, match="nothere.png"):
+        load_labeled(phantoms2d, csv_, {"dims": 2, "size": 16}, positive="diseased", progress=False)
