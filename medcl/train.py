@@ -414,7 +414,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 if loss_log is not None:
                     loss_log.write(f"{global_step},{epoch + 1},{last_loss:.8g}\n")
                     loss_log.flush()
-                bar.set_postfix(loss=f"{last_loss:.4f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{n_last / max(time.perf_counter() - t_last, 1e-9):.0f}")
                 bar.update()
                 if main and (global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1):
                     dt = time.perf_counter() - t_last
