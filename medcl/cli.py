@@ -180,8 +180,10 @@ def main(argv=None) -> int:
                     probe = labels_from_records(open_npz(Path(a.data)).records, a.positive)
                 except MedclError:
                     probe = None
+            if a.resume and (a.config or a.set or a.dims or a.batch_size or a.seed is not None):
+                raise MedclError("--resume continues the run with its saved config.yaml; only --epochs may change it.")
             pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
-                     progress=progress)
+                     epochs=a.epochs, progress=progress)
         elif a.command == "finetune":
             from .finetune import finetune
 

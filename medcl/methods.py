@@ -26,12 +26,15 @@ class SSLMethod(nn.Module):
 
     needs_labels = False
     uses_momentum = False
+    has_predictor = False  # BYOL, SimSiam, MoCo v3: an MLP on top of the projection
 
     def __init__(self, encoder: nn.Module, cfg):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
         self.projector = mlp(encoder.feat_dim, cfg.proj_hidden, cfg.proj_dim)
+        if self.has_predictor:
+            self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
         self.gather = None
         self.rank = 0
 
@@ -40,7 +43,7 @@ class SSLMethod(nn.Module):
 
     def forward(self, v1, v2, labels=None):
         z1, z2 = self.embed(v1), self.embed(v2)
-        return {"loss": self.loss_fn(z1, z2, labels), "z": z1}
+        return {"loss": self.loss_fn(z1, z2, labels), "z": z1, "z2": z2}
 
     def loss_fn(self, z1, z2, labels):
         raise NotImplementedError
@@ -88,9 +91,7 @@ class VICReg(SSLMethod):
 class SimSiam(SSLMethod):
     """Projector + predictor, stop-gradient on the target branch (Chen & He 2021)."""
 
-    def __init__(self, encoder, cfg):
-        super().__init__(encoder, cfg)
-        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+    has_predictor = True
 
     def forward(self, v1, v2, labels=None):
         z1, z2 = self.embed(v1), self.embed(v2)
@@ -98,7 +99,7 @@ class SimSiam(SSLMethod):
         sg = self.cfg.stop_gradient
         # -cos(p, sg(z)) averaged over both directions, written via 2 - 2cos: halve and shift to [-1, 1]
         loss = 0.5 * (losses.cosine_regression(p1, z2, sg) + losses.cosine_regression(p2, z1, sg)) / 2 - 1
-        return {"loss": loss, "z": z1}
+        return {"loss": loss, "z": z1, "z2": z2}
 
 
 class _Momentum(SSLMethod):
@@ -132,9 +133,7 @@ class _Momentum(SSLMethod):
 
 
 class BYOL(_Momentum):
-    def __init__(self, encoder, cfg):
-        super().__init__(encoder, cfg)
-        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+    has_predictor = True
 
     def forward(self, v1, v2, labels=None):
         z1, z2 = self.embed(v1), self.embed(v2)
@@ -144,20 +143,18 @@ class BYOL(_Momentum):
         else:  # ablation: targets from the online network with gradients (collapses)
             t1, t2 = z1, z2
         loss = losses.cosine_regression(p1, t2, self.cfg.stop_gradient) + losses.cosine_regression(p2, t1, self.cfg.stop_gradient)
-        return {"loss": loss / 2, "z": z1}
+        return {"loss": loss / 2, "z": z1, "z2": z2}
 
 
 class MoCoV3(_Momentum):
-    def __init__(self, encoder, cfg):
-        super().__init__(encoder, cfg)
-        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+    has_predictor = True
 
     def forward(self, v1, v2, labels=None):
         q1, q2 = self.predictor(self.embed(v1)), self.predictor(self.embed(v2))
         k1, k2 = self.target(v1), self.target(v2)
         t = self.cfg.temperature
         loss = losses.infonce_batch(q1, k2, t, self.gather, self.rank) + losses.infonce_batch(q2, k1, t, self.gather, self.rank)
-        return {"loss": loss / 2, "z": q1}
+        return {"loss": loss / 2, "z": q1, "z2": q2}
 
 
 class MoCoV2(_Momentum):
@@ -177,7 +174,7 @@ class MoCoV2(_Momentum):
         loss = (losses.infonce_queue(q1, k2, negatives, t) + losses.infonce_queue(q2, k1, negatives, t)) / 2
         if self.training:
             self._enqueue(torch.cat([k1, k2]))
-        return {"loss": loss, "z": q1}
+        return {"loss": loss, "z": q1, "z2": q2}
 
     @torch.no_grad()
     def _enqueue(self, keys):

@@ -276,13 +276,16 @@ def encode(encoder, images, device, batch_size: int = 256, amp: bool = False) ->
 
 
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,
-             labels=None, probe_labels=None, progress: bool = True, log=print) -> Path:
+             labels=None, probe_labels=None, epochs: int | None = None, progress: bool = True, log=print) -> Path:
     """Pretrain an encoder on the scans in `data` (folder or MedMNIST .npz). Returns the run folder.
 
     Writes config.yaml, checkpoints/last.pt (every epoch, atomically), encoder.pt, skipped.csv and TensorBoard events.
     `labels`: a LabelsTable used by SupCon and patient positives; `probe_labels`: a LabelsTable for the online kNN monitor.
+    With `resume`, the run's saved config is used (`cfg` is ignored); `epochs` may extend it.
     """
     cfg = cfg or MedclConfig()
+    if epochs is not None:
+        cfg.train.epochs = epochs
     out = Path(out)
     main = dist.is_main()
     if main:
@@ -291,9 +294,9 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     ckpt = None
     if resume:
         ckpt = safe_load(out / "checkpoints" / "last.pt", "checkpoint") if (out / "checkpoints" / "last.pt").is_file() else None
-        saved = load_config(out / "config.yaml")
-        saved.train.epochs = max(saved.train.epochs, cfg.train.epochs) if cfg is not None else saved.train.epochs
-        cfg = saved
+        cfg = load_config(out / "config.yaml")
+        if epochs is not None:
+            cfg.train.epochs = epochs
     if main:
         save_config(cfg, out / "config.yaml")
     device = pick_device(cfg.train.device)
@@ -425,9 +428,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                     tb.log_scalars(writer, scalars, global_step, "pretrain/")
                     t_last, n_last = time.perf_counter(), 0
                 if main and (global_step % cfg.train.monitor_every == 0 or global_step == 1):
-                    with torch.no_grad():
-                        z2 = method.embed(v2[: len(v1)]) if "z" in res else None
-                    m = collapse_metrics(res["z"].detach(), z2)
+                    z2 = res.get("z2")
+                    m = collapse_metrics(res["z"].detach(), None if z2 is None else z2.detach())
                     tb.log_scalars(writer, m, global_step, "monitor/")
                     reason = is_collapsed(m, res["z"].shape[1])
                     if reason and global_step > steps_per_epoch and not collapse_warned:

@@ -53,7 +53,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, phantoms2d):
     p.wait()
     ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < ck["global_step"] < 12
-    medcl(*args, "--out", tmp_path / "cut", "--resume")
+    medcl("pretrain", phantoms2d, "--out", tmp_path / "cut", "--resume")  # the saved config rules
     resumed = losses(tmp_path / "cut")
     assert [s for s, _ in resumed] == list(range(1, 13))
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in full], rtol=1e-6)
