@@ -1,0 +1,84 @@
+"""The few-label protocol: no leakage, grouping, tiny-budget stratification, reproducibility, CIs, outputs."""
+import csv
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from medcl.config import MedclConfig, apply_overrides
+from medcl.encoders import Encoder, export_encoder
+from medcl.evaluate import evaluate
+from medcl.finetune import budget_rows, load_labeled
+from medcl.metrics import bootstrap_ci, mean_ci, score
+from conftest import shared
+
+
+def test_mean_ci_matches_direct_t_interval():
+    v = [0.91, 0.93, 0.90, 0.95, 0.92]
+    m, sd, half = mean_ci(v)
+    direct = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+    assert m == pytest.approx(np.mean(v)) and sd == pytest.approx(np.std(v, ddof=1))
+    assert (m - half, m + half) == pytest.approx(direct)
+
+
+def test_bootstrap_ci_matches_direct_loop():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    p = np.clip(y * 0.4 + rng.random(80) * 0.6, 0, 1)
+    proba = np.stack([1 - p, p], 1)
+    lo, hi = bootstrap_ci(y, proba, "auc", n=200, seed=3)
+    r = np.random.default_rng(3)
+    vals = []
+    for _ in range(200):
+        i = r.integers(0, 80, 80)
+        if len(np.unique(y[i])) == 2:
+            vals.append(score(y[i], proba[i])["auc"])
+    assert (lo, hi) == pytest.approx((np.quantile(vals, 0.025), np.quantile(vals, 0.975)))
+
+
+def test_budget_rows_never_touch_test_and_keep_patients_and_classes(phantoms2d):
+    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+                      progress=False)
+    for p in set(ld.groups):  # patient grouping of the made splits
+        assert len(set(ld.split[ld.groups == p])) == 1
+    test = set(np.flatnonzero(ld.split == "test"))
+    for seed in range(10):
+        tr, va, te = budget_rows(ld, 0.01, None, seed)
+        assert not (set(tr) | set(va)) & test and set(te) == test
+        assert set(ld.y[tr]) == {0, 1}  # 1% of a tiny train split still has both classes
+    a = budget_rows(ld, 0.3, None, 5)
+    b = budget_rows(ld, 0.3, None, 5)
+    assert all((x == y).all() for x, y in zip(a, b))
+
+
+def _tiny_encoder(tmp_path, dims, size):
+    enc = Encoder("resnet10", dims, 1, "small", 0.125)
+    export_encoder(enc, tmp_path / "encoder.pt", {"data": {"dims": dims, "size": size, "channels": 1}})
+    return tmp_path / "encoder.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims", [2, 3])
+def test_evaluate_outputs_on_folders(tmp_path, phantoms2d, phantoms3d, dims):
+    data = phantoms2d if dims == 2 else phantoms3d
+    enc = _tiny_encoder(tmp_path, dims, 16)
+    rows = evaluate(enc, data, data / "labels.csv", tmp_path / "ev", fractions=[0.5], per_class=[2], seeds=2,
+                    heads=("knn", "linear"), baseline="finetune", epochs=1, positive="diseased", progress=False,
+                    log=lambda *a: None)
+    assert len(rows) == 2 * 2 * 3  # budgets x seeds x (2 heads + scratch)
+    out = tmp_path / "ev"
+    for f in ("results.csv", "summary.md", "learning_curve.png", "splits.csv"):
+        assert (out / f).is_file()
+    got = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["encoder"] for r in got} == {"pretrained", "scratch"}
+    assert "| budget |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_on_medmnist_npz(tmp_path):
+    npz = shared("pneumoniamnist", "pneumoniamnist_reconstructed.npz")
+    enc = _tiny_encoder(tmp_path, 2, 28)
+    rows = evaluate(enc, npz, None, tmp_path / "ev", per_class=[5], seeds=1, heads=("knn", "linear"),
+                    baseline="none", progress=False, log=lambda *a: None)
+    assert {r["n_test"] for r in rows} == {624} and {r["n_labeled_train"] for r in rows} == {10}
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
