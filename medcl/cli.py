@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--labels", help="labels CSV: used by method.name=supcon and positives=patient (test rows never)")
     p.add_argument("--probe-labels", help="labels CSV for the online kNN monitor (never trained on)")
+    p.add_argument("--pairs", help="pairs CSV (path_a,path_b,similar) for --set method.name=pair: the listed pairs "
+                                   "replace augmentation pairs")
     p.add_argument("--positive", help="diseased class name(s) for --labels/--probe-labels")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable scan instead of skipping it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -182,8 +184,11 @@ def main(argv=None) -> int:
                     probe = None
             if a.resume and (a.config or a.set or a.dims or a.batch_size or a.seed is not None):
                 raise MedclError("--resume continues the run with its saved config.yaml; only --epochs may change it.")
+            from .data.labels import read_pairs_csv
+
+            pairs = read_pairs_csv(a.pairs, a.data) if a.pairs else None
             pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
-                     epochs=a.epochs, progress=progress)
+                     epochs=a.epochs, pairs=pairs, progress=progress)
         elif a.command == "finetune":
             from .finetune import finetune
 

@@ -67,7 +67,13 @@ class SupCon(SSLMethod):
 
 
 class PairMargin(SSLMethod):
+    """Pairs from augmentations (same scan = similar, other scans = dissimilar), or, with a pairs CSV, the listed
+    pairs with their similar/dissimilar flags (passed as `labels`)."""
+
     def loss_fn(self, z1, z2, labels):
+        if labels is not None:
+            return losses.pair_margin(nn.functional.normalize(z1.float(), dim=1),
+                                      nn.functional.normalize(z2.float(), dim=1), labels, self.cfg.margin)
         return losses.pair_margin_views(z1, z2, self.cfg.margin)
 
 

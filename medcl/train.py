@@ -95,13 +95,14 @@ class BatchStream:
     """Yields (v1, v2, idx) for one epoch from `start_step`; idx are indices into the ScanSet."""
 
     def __init__(self, scans: ScanSet, cfg: MedclConfig, device, global_batch: int, steps: int, partner=None,
-                 pairing=None):
+                 pairing=None, pairs=None):
         self.scans, self.cfg, self.device = scans, cfg, device
         self.global_batch, self.steps = global_batch, steps
         self.local_batch = global_batch // dist.world_size()
         self.backend = resolve_backend(cfg.views, device)
         self.partner = partner
         self.pairing = pairing  # (x, generator) -> (x1, x2): positives made from one item (neighbouring slices)
+        self.pairs = pairs  # (index_a, index_b) arrays from a pairs CSV: an epoch runs over pairs, not scans
         self.size = cfg.data.size
         self.on_device = None
         if self.backend == "batched":
@@ -124,14 +125,20 @@ class BatchStream:
 
     def epoch(self, epoch: int, start_step: int = 0):
         seed = self.cfg.train.seed
-        order = epoch_order(len(self.scans), seed, epoch)
+        order = epoch_order(len(self.pairs[0]) if self.pairs is not None else len(self.scans), seed, epoch)
         if self.backend == "monai":
-            if self.pairing is not None:
-                raise MedclError("method.positives=neighbors needs views.backend=batched (or auto).")
+            if self.pairing is not None or self.pairs is not None:
+                raise MedclError("neighbour positives and pairs CSVs need views.backend=batched (or auto).")
             yield from self._monai_epoch(order, epoch, start_step)
             return
         def fetch(step):
             idx = self._local(order, step)
+            if self.pairs is not None:  # idx are pair indices; the items are the pairs' two scans
+                a, b = self.pairs[0][idx], self.pairs[1][idx]
+                if self.on_device is not None:
+                    return idx, self.on_device[torch.as_tensor(a, device=self.device)], \
+                        self.on_device[torch.as_tensor(b, device=self.device)]
+                return idx, self._host(a), self._host(b)
             pidx = self.partner(idx, epoch) if self.partner else idx
             if self.on_device is not None:
                 x1 = self.on_device[torch.as_tensor(idx, device=self.device)]
@@ -276,12 +283,14 @@ def encode(encoder, images, device, batch_size: int = 256, amp: bool = False) ->
 
 
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,
-             labels=None, probe_labels=None, epochs: int | None = None, progress: bool = True, log=print) -> Path:
+             labels=None, probe_labels=None, epochs: int | None = None, pairs=None, progress: bool = True,
+             log=print) -> Path:
     """Pretrain an encoder on the scans in `data` (folder or MedMNIST .npz). Returns the run folder.
 
     Writes config.yaml, checkpoints/last.pt (every epoch, atomically), encoder.pt, skipped.csv and TensorBoard events.
     `labels`: a LabelsTable used by SupCon and patient positives; `probe_labels`: a LabelsTable for the online kNN monitor.
     With `resume`, the run's saved config is used (`cfg` is ignored); `epochs` may extend it.
+    `pairs`: [(key_a, key_b, similar)] from a pairs CSV, for method.name=pair.
     """
     cfg = cfg or MedclConfig()
     if epochs is not None:
@@ -316,12 +325,23 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         if scans.skipped:
             log(f"skipped {len(scans.skipped)} unusable scans (listed in {out / 'skipped.csv'})")
 
+    pair_arrays = None
+    if pairs is not None:
+        if cfg.method.name != "pair":
+            raise MedclError("a pairs CSV is for method.name=pair.")
+        where = {r.key: i for i, r in enumerate(scans.records)}
+        lost = [k for a, b, _ in pairs for k in (a, b) if k not in where]
+        if lost:
+            raise MedclError(f"{len(lost)} paths of the pairs CSV are not usable scans under {data} "
+                             f"(first: {lost[:3]}); see skipped.csv for unreadable ones.")
+        pair_arrays = (np.array([where[a] for a, _, _ in pairs]), np.array([where[b] for _, b, _ in pairs]))
+    n_items = len(pairs) if pairs is not None else len(scans)
     world = dist.world_size()
-    global_batch = min(cfg.train.batch_size, len(scans) // world * world)
+    global_batch = min(cfg.train.batch_size, n_items // world * world)
     if global_batch < 2 * world:
-        raise MedclError(f"only {len(scans)} usable scans: need at least {2 * world} for a contrastive batch.")
+        raise MedclError(f"only {n_items} usable items: need at least {2 * world} for a contrastive batch.")
     global_batch -= global_batch % world
-    steps_per_epoch = len(scans) // global_batch
+    steps_per_epoch = n_items // global_batch
     if global_batch < cfg.train.batch_size and main:
         log(f"note: batch size lowered to {global_batch} (only {len(scans)} scans)")
 
@@ -334,6 +354,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         if labels is None:
             raise MedclError(f"method {cfg.method.name} needs labels: pass --labels LABELS.csv (test rows are never used).")
         lab = torch.as_tensor(labels.train_label_ids([r.key for r in scans.records]), dtype=torch.long)
+    if pairs is not None:  # the pair loss reads each pair's similar flag as its label
+        lab = torch.tensor([s for _, _, s in pairs], dtype=torch.long)
     partner = None
     if cfg.method.positives == "patient":
         partner = make_partner("patient", patients_of(scans.records, labels), cfg.train.seed)
@@ -365,7 +387,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log("no checkpoint yet: starting from the beginning")
 
     pairing = neighbor_pairing(cfg) if cfg.method.positives == "neighbors" else None
-    stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing)
+    stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing, pairs=pair_arrays)
     writer = tb.open_writer(out / "tb") if main else None
     loss_log = None
     if main:  # one line per step; on resume, steps after the checkpoint (lost with the killed process) are dropped

@@ -141,3 +141,47 @@ def test_neighbor_pairing_picks_nearby_slices():
     assert a.shape == (50, 1, 4, 4)
     gap = (a[:, 0, 0, 0] - b[:, 0, 0, 0]).abs()
     assert gap.min() >= 1 and gap.max() <= 2
+
+
+@pytest.mark.slow
+def test_pair_loss_from_a_pairs_csv(tmp_path, phantoms2d):
+    import subprocess
+    import sys
+
+    rows = list(csv.DictReader(open(phantoms2d / "labels.csv")))
+    by_p = {}
+    for r in rows:
+        by_p.setdefault(r["patient"], []).append(r["path"])
+    pats = sorted(by_p)
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path_a", "path_b", "similar"])
+        for i, p in enumerate(pats):  # same patient: similar; next patient: dissimilar
+            w.writerow([by_p[p][0], by_p[p][1], 1])
+            w.writerow([by_p[p][0], by_p[pats[(i + 1) % len(pats)]][0], 0])
+    r = subprocess.run([sys.executable, "-m", "medcl", "--quiet", "pretrain", str(phantoms2d), "--out", str(tmp_path / "run"),
+                        "--pairs", str(pairs), "--set", "method.name=pair", "--set", "encoder.name=resnet10",
+                        "--set", "encoder.widen_factor=0.125", "--set", "data.size=16", "--epochs", "2",
+                        "--batch-size", "8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "6 steps" in r.stdout  # 48 pairs / batch 8: the epoch runs over the CSV's pairs
+    assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 13
+
+
+def test_pairs_csv_errors(tmp_path):
+    from medcl.data.labels import read_pairs_csv
+    from medcl.errors import LabelsError
+
+    p = tmp_path / "pairs.csv"
+    p.write_text("a,b,similar\nx.png,y.png,1\n")
+    with pytest.raises(LabelsError, match="path_a"):
+        read_pairs_csv(p)
+    p.write_text("path_a,path_b,similar\nx.png,y.png,maybe\n")
+    with pytest.raises(LabelsError, match="1/0"):
+        read_pairs_csv(p)
+    p.write_text("path_a,path_b,similar\nx.png,y.png,1\nx.png,z.png,1\n")
+    with pytest.raises(LabelsError, match="both kinds"):
+        read_pairs_csv(p)
+    p.write_text("path_a,path_b,similar\nx.png,y.png,1\nx.png,z.png,0\n")
+    assert read_pairs_csv(p) == [("x.png", "y.png", 1), ("x.png", "z.png", 0)]

@@ -227,3 +227,31 @@ def select_budget(y: np.ndarray, candidates: np.ndarray, fraction: float | None 
             raise LabelsError(f"budget asks for {k} labels of class {c} but the train split has only {len(pool)}.")
         chosen.append(rng.choice(pool, size=k, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def read_pairs_csv(path, data_root=None, allow_outside: bool = False):
+    """Pairs CSV for the classic pair loss: columns path_a,path_b,similar (1/0, true/false). Returns [(a, b, s)]."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"pairs file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        rows = list(reader)
+    missing = [c for c in ("path_a", "path_b", "similar") if c not in cols]
+    if missing:
+        raise LabelsError(f"{path}: missing column(s) {missing}; expected a header 'path_a,path_b,similar'.")
+    root = Path(data_root) if data_root is not None and Path(data_root).is_dir() else None
+    out = []
+    for n, r in enumerate(rows, start=2):
+        r = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+        s = r["similar"].lower()
+        if s not in ("1", "0", "true", "false", "yes", "no"):
+            raise LabelsError(f"{path} row {n}: similar must be 1/0 (or true/false), got '{r['similar']}'.")
+        out.append((_norm_path(r["path_a"], allow_outside, n, root), _norm_path(r["path_b"], allow_outside, n, root),
+                    1 if s in ("1", "true", "yes") else 0))
+    if not out:
+        raise LabelsError(f"{path}: no rows.")
+    if len({s for _, _, s in out}) < 2:
+        raise LabelsError(f"{path}: all pairs are {'similar' if out[0][2] else 'dissimilar'}; the pair loss needs both kinds.")
+    return out
