@@ -108,7 +108,6 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
     # warm up past the workers' prefetched batches, so (c) is the steady state, not a drained queue
     c = timed(monai_batches(), method, opt, device, cl, warmup + 2 * workers, steps, batch)
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    del loader
     # augmentation alone, one process: batched views on the device vs MONAI per sample on CPU (views/s)
     x = torch.as_tensor(scans.images[:batch]).to(device)
     g = torch.Generator(device=device).manual_seed(0)

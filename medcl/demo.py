@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from .config import MedclConfig, apply_overrides
 from .data.synthetic import make_phantoms
@@ -34,7 +33,7 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
     cfg.train.seed = seed
     if epochs:
         cfg.train.epochs = epochs
-    log(f"[2/4] contrastive pretraining (SimCLR) without labels")
+    log("[2/4] contrastive pretraining (SimCLR) without labels")
     pretrain(data, out / "pretrain", cfg, progress=progress, log=log)
     log(f"[3/4] linear probe with {label_fraction:.0%} of the training labels")
     m = finetune(out / "pretrain", data, data / "labels.csv", out / "finetune", label_fraction=label_fraction,

@@ -12,7 +12,6 @@ from .data.cache import build_cache, write_skipped
 from .data.discover import open_source
 from .data.labels import labels_from_records, read_labels_csv
 from .encoders import load_encoder
-from .errors import MedclError
 from .runs import prepare_out_dir
 from .train import encode, pick_device
 
@@ -105,7 +104,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     header = ["path", "label", "patient", "split"] + (["probability"] if prob_col is not None else [])
     meta = [[keys[i], label_col[i] or "-", patient_col[i] or "-", split_col[i] or "-"] +
             ([f"{prob_col[i]:.3f}"] if prob_col is not None else []) for i in show]
-    thumbs = np.stack([tb.thumbnail(scans.batch([i])[0]) for i in show])
+    thumbs = np.concatenate([tb.thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
     if thumbs.shape[1] == 1:
         thumbs = np.repeat(thumbs, 3, axis=1)
     side = thumbs.shape[-1]

@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import tensorboard as tb
-from .config import MedclConfig
 from .encoders import Encoder, load_encoder
 from .finetune import budget_rows, load_labeled, run_head, write_splits
 from .metrics import bootstrap_ci, mean_ci, score, youden_threshold

@@ -19,7 +19,7 @@ from .config import MedclConfig, ViewsConfig
 from .data.cache import ScanSet, build_cache, write_skipped
 from .data.discover import open_source
 from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
-from .encoders import Encoder, atomic_save, build_encoder, load_encoder, resolve_stem
+from .encoders import Encoder, atomic_save, build_encoder, load_encoder
 from .errors import LabelsError, MedclError
 from .metrics import bootstrap_ci, score, youden_threshold
 from .runs import prepare_out_dir

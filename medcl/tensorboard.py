@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,7 +9,7 @@ import torch
 SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses sprites larger than 8192 x 8192 pixels
 
 
-def open_writer(logdir) -> "SummaryWriter":
+def open_writer(logdir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.utils.tensorboard import SummaryWriter
@@ -24,16 +23,17 @@ def log_scalars(writer, values: dict, step: int, prefix: str = "") -> None:
         writer.add_scalar(f"{prefix}{k}", float(v), step)
 
 
-def thumbnail(x: np.ndarray) -> np.ndarray:
-    """(C, *S) scan in [0,1] -> (C, H, W) 2D picture: the image itself, or the middle axial slice of a volume."""
+def thumbnail(x: np.ndarray, dims: int | None = None) -> np.ndarray:
+    """(C, *S) scan in [0,1] -> (C, H, W): the image itself, or the middle axial slice of a volume.
+    With `dims`, x may be a batch (N, C, *S) -> (N, C, H, W)."""
     x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 4:
-        x = x[:, :, :, x.shape[3] // 2]
+    if (dims or x.ndim - 1) == 3:
+        x = x[..., x.shape[-1] // 2]
     return np.clip(x, 0, 1)
 
 
 def orthogonal_slices(x: np.ndarray) -> np.ndarray:
-    """(C, X, Y, Z) -> (C, X, Y+Y?...) three middle slices side by side (assumes a cube, as the cache makes)."""
+    """(C, X, Y, Z) -> (C, X, 3 * X): the three orthogonal middle slices side by side (the cache makes cubes)."""
     c, a, b, d = x.shape
     return np.concatenate([x[:, a // 2, :, :], x[:, :, b // 2, :], x[:, :, :, d // 2]], axis=2)
 

@@ -7,7 +7,6 @@ import queue
 import random
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medcl.config import MedclConfig, load_config, parse_set
+from medcl.config import load_config, parse_set
 from medcl.data.labels import make_splits, read_labels_csv, resolve_positive, select_budget
 from medcl.errors import ConfigError, LabelsError
 

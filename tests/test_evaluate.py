@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medcl.config import MedclConfig, apply_overrides
 from medcl.encoders import Encoder, export_encoder
 from medcl.evaluate import evaluate
 from medcl.finetune import budget_rows, load_labeled
