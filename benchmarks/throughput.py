@@ -11,6 +11,7 @@ Prints a table with b/a and b/c and the peak GPU memory. Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -57,8 +58,7 @@ def step(method, opt, v1, v2, device, cl):
     opt.step()
 
 
-def timed(batches, method, opt, device, cl, warmup, steps, batch):
-    it = iter(batches)
+def timed(it, method, opt, device, cl, warmup, steps, batch):
     for _ in range(warmup):
         v1, v2 = next(it)[:2]
         step(method, opt, v1, v2, device, cl)
@@ -73,7 +73,7 @@ def timed(batches, method, opt, device, cl, warmup, steps, batch):
     return steps * batch / (time.perf_counter() - t)
 
 
-def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
+def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rounds):
     cfg, method, opt, cl = setup(dims, size, name, batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -83,7 +83,6 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
         while True:
             yield torch.rand(shape, device=device), torch.rand(shape, device=device)
 
-    a = timed(model_only(), method, opt, device, cl, warmup, steps, batch)
     n_items = batch * (warmup + steps + 1)
     rng = np.random.default_rng(0)
     scans = ScanSet(rng.random((n_items, 1) + (size,) * dims, dtype=np.float32), list(range(n_items)))
@@ -91,10 +90,10 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
     stream = BatchStream(scans, cfg, device, batch, warmup + steps + 1)
 
     def medcl_batches():
-        for _, v1, v2, _ in stream.epoch(0):
-            yield v1, v2
+        for ep in itertools.count():
+            for _, v1, v2, _ in stream.epoch(ep):
+                yield v1, v2
 
-    b = timed(medcl_batches(), method, opt, device, cl, warmup, steps, batch)
     ds = TwoViewDataset(scans, monai_transform(cfg.views, dims, size), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -105,8 +104,16 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
             for v1, v2, _ in loader:
                 yield v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
 
-    # warm up past the workers' prefetched batches, so (c) is the steady state, not a drained queue
-    c = timed(monai_batches(), method, opt, device, cl, warmup + 2 * workers, steps, batch)
+    # (a), (b), (c) take turns for `rounds` rounds and each reports its median: a shared machine's slow spells
+    # then hit all three alike instead of whichever ran during them
+    its = {"a": model_only(), "b": medcl_batches(), "c": monai_batches()}
+    got = {k: [] for k in its}
+    for r in range(rounds):
+        for k, it in its.items():
+            # (c) warms up past the workers' prefetched batches, so it is the steady state, not a drained queue
+            w = warmup + (2 * workers if k == "c" else 0) if r == 0 else max(1, warmup // 2)
+            got[k].append(timed(it, method, opt, device, cl, w, steps, batch))
+    a, b, c = (float(np.median(got[k])) for k in "abc")
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     # augmentation alone, one process: batched views on the device vs MONAI per sample on CPU (views/s)
     x = torch.as_tensor(scans.images[:batch]).to(device)
@@ -126,7 +133,12 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers):
     for i in range(k):
         tr(torch.as_tensor(scans.images[i]))
     e = k / (time.perf_counter() - t)
-    return dict(case=label, batch=batch, a=a, b=b, c=c, mem=mem, d=d, e=e)
+    spread = {k: (min(v), max(v)) for k, v in got.items()}
+    return dict(case=label, batch=batch, a=a, b=b, c=c, mem=mem, d=d, e=e, spread=spread)
+
+
+def fmt(v):
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
 def main():
@@ -134,6 +146,7 @@ def main():
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="(a), (b), (c) take turns this many times; medians")
     ap.add_argument("--cases", nargs="*", help="substrings of case names to run")
     args = ap.parse_args()
     gpu = torch.cuda.is_available() and not args.cpu
@@ -145,13 +158,14 @@ def main():
         cases = [c for c in cases if any(s in c[0] for s in args.cases)]
     workers = os.cpu_count() or 1
     warmup = args.warmup or (5 if gpu else 2)
-    steps = args.steps or (15 if gpu else 5)
+    steps = args.steps or (15 if gpu else 6)
     where = torch.cuda.get_device_name() if gpu else f"CPU ({workers} cores)"
     print(f"device: {where}; torch {torch.__version__}; SimCLR step, AdamW{', bf16 autocast, channels_last (2D)' if gpu else ''}; "
-          f"(c) uses {workers} DataLoader workers; {steps} timed steps after {warmup} warm-up")
+          f"(c) uses {workers} DataLoader workers; {steps} timed steps after {warmup} warm-up, "
+          f"median of {args.rounds} interleaved rounds")
     rows = []
     for case in cases:
-        r = run_case(*case, device, warmup, steps, workers)
+        r = run_case(*case, device, warmup, steps, workers, args.rounds)
         rows.append(r)
         print(f"  done {r['case']}", flush=True)
     print()
@@ -159,14 +173,18 @@ def main():
     print("| case | batch | (a) model only | (b) medcl batched views | (c) MONAI CPU workers | b/a | b/c | peak GPU mem (GiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['batch']} | {r['a']:.0f} | {r['b']:.0f} | {r['c']:.0f} | {r['b'] / r['a']:.2f} | "
+        print(f"| {r['case']} | {r['batch']} | {fmt(r['a'])} | {fmt(r['b'])} | {fmt(r['c'])} | {r['b'] / r['a']:.2f} | "
               f"{r['b'] / r['c']:.2f} | {r['mem']:.1f} |")
+    print()
+    print("spread over rounds (min-max samples/s):")
+    for r in rows:
+        print(f"  {r['case']}: " + ", ".join(f"({k}) {fmt(lo)}-{fmt(hi)}" for k, (lo, hi) in r["spread"].items()))
     print()
     print("augmentation alone, one process, views/s:")
     print("| case | batched views on the training device | MONAI per sample (CPU) | ratio |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['d']:.0f} | {r['e']:.0f} | {r['d'] / r['e']:.1f} |")
+        print(f"| {r['case']} | {fmt(r['d'])} | {fmt(r['e'])} | {r['d'] / r['e']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The one pretraining loop: device/AMP, optimizer and schedule, checkpoint/resume, monitors and logging."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import queue
@@ -130,56 +131,74 @@ class BatchStream:
                 raise MedclError("neighbour positives and pairs CSVs need views.backend=batched (or auto).")
             yield from self._monai_epoch(order, epoch, start_step)
             return
+        def rows(i):  # items of the device-resident cache; the index goes up pinned, so the copy does not sync
+            return self.on_device[torch.from_numpy(np.asarray(i, dtype=np.int64)).pin_memory().to(self.device,
+                                                                                                   non_blocking=True)]
+
         def fetch(step):
             idx = self._local(order, step)
             if self.pairs is not None:  # idx are pair indices; the items are the pairs' two scans
                 a, b = self.pairs[0][idx], self.pairs[1][idx]
                 if self.on_device is not None:
-                    return idx, self.on_device[torch.as_tensor(a, device=self.device)], \
-                        self.on_device[torch.as_tensor(b, device=self.device)]
+                    return idx, rows(a), rows(b)
                 return idx, self._host(a), self._host(b)
             pidx = self.partner(idx, epoch) if self.partner else idx
             if self.on_device is not None:
-                x1 = self.on_device[torch.as_tensor(idx, device=self.device)]
-                x2 = self.on_device[torch.as_tensor(pidx, device=self.device)] if self.partner else None
-                return idx, x1, x2
+                return idx, rows(idx), (rows(pidx) if self.partner else None)
             return idx, self._host(idx), (self._host(pidx) if self.partner else None)
-
-        # a background thread gathers (and pins) the next batches while the device computes; the views are made on
-        # the training device itself, batched (on a GPU they cost ~1-2% of a step)
 
         def make_views(step, x1, x2):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(_seed(seed, epoch, step, dist.rank()))  # views depend only on (seed, epoch, step, rank)
             if self.pairing is not None:
                 x1, x2 = self.pairing(x1, gen)
-            return self.batched(x1, gen), self.batched(x2 if x2 is not None else x1, gen)
+            # both views in one batched call: half the kernel launches of two calls
+            return self.batched(torch.cat([x1, x1 if x2 is None else x2]), gen).chunk(2)
 
-        q: queue.Queue = queue.Queue(maxsize=3)
+        # A background thread gathers the next batches and makes their views while the device runs the current step.
+        # On a GPU it works on a side CUDA stream, so view kernels overlap the model's kernels instead of queueing
+        # before them, and an event hands each batch to the training stream (no host synchronisation).
+        cuda = self.device.type == "cuda"
+        side = torch.cuda.Stream(self.device) if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream(self.device))  # the cached dataset was written on that stream
+        q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
         def producer():
             try:
-                for s in range(start_step, self.steps):
-                    if stop.is_set():
-                        return
-                    idx, x1, x2 = fetch(s)
-                    q.put((s, idx, (x1, x2)))
+                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                    for s in range(start_step, self.steps):
+                        if stop.is_set():
+                            return
+                        idx, x1, x2 = fetch(s)
+                        x1 = x1.to(self.device, non_blocking=True)
+                        x2 = None if x2 is None else x2.to(self.device, non_blocking=True)
+                        v1, v2 = make_views(s, x1, x2)
+                        ready = None
+                        if cuda:
+                            ready = torch.cuda.Event()
+                            ready.record(side)
+                        q.put((s, idx, v1, v2, ready))
             except BaseException as e:  # surface the error in the training loop
                 q.put(e)
                 return
             q.put(None)
 
-        th = threading.Thread(target=producer, daemon=True)
+        th = threading.Thread(target=producer, name="medcl-views", daemon=True)
         th.start()
         try:
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                step, idx, (a, b) = item
-                a = a.to(self.device, non_blocking=True)
-                b = None if b is None else b.to(self.device, non_blocking=True)
-                v1, v2 = make_views(step, a, b)
+                step, idx, v1, v2, ready = item
+                if ready is not None:
+                    main = torch.cuda.current_stream(self.device)
+                    main.wait_event(ready)
+                    # made on the side stream, used and freed on this one: keep the allocator from reusing the
+                    # memory until this stream is done with it
+                    v1.record_stream(main)
+                    v2.record_stream(main)
                 yield step, v1, v2, idx
         finally:
             stop.set()
@@ -408,6 +427,26 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
             f"views={stream.backend}")
     collapse_warned = False
     last_loss = float("nan")
+    pending: list = []  # (global step, epoch, step, loss copy, its copy event): losses not yet read on the host
+
+    def settle(keep_last=False):
+        """Reads queued losses (a host sync), appends them to loss.csv and stops on a non-finite one. A NaN step is
+        caught here, at most one step late, and always before the next checkpoint is written."""
+        nonlocal last_loss
+        while len(pending) > (1 if keep_last else 0):
+            g, ep, st, t, copied = pending.pop(0)
+            if copied is not None:
+                copied.synchronize()  # waits for that step only, not for the steps queued after it
+            value = t.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss became {value} at epoch {ep + 1}, step {st}: stopped; the last good checkpoint is kept in "
+                    f"{out / 'checkpoints' / 'last.pt'}. Lower optim.lr or raise method.temperature, then --resume.")
+            last_loss = value
+            if loss_log is not None:
+                loss_log.write(f"{g},{ep + 1},{value:.8g}\n")
+                loss_log.flush()
+        return last_loss
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             model.train()
@@ -419,28 +458,30 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 if device.type == "cuda" and cfg.data.dims == 2 and cfg.train.channels_last:
                     v1 = v1.contiguous(memory_format=torch.channels_last)
                     v2 = v2.contiguous(memory_format=torch.channels_last)
-                y = lab[torch.as_tensor(idx)].to(device) if lab is not None else None
+                y = None
+                if lab is not None:  # pinned, so the upload does not wait for the device
+                    y = lab[torch.as_tensor(idx)]
+                    y = y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     res = model(v1, v2, y)
-                loss = res["loss"]
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: stopped; the last good checkpoint "
-                        f"is kept in {out / 'checkpoints' / 'last.pt'}. Lower optim.lr or raise method.temperature, then --resume.")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                res["loss"].backward()
                 opt.step()
                 sched.step()
                 global_step += 1
                 extra_scalars = method.step_end(global_step / max(1, total))
                 n_last += len(v1) * world
-                last_loss = loss.item()
-                if loss_log is not None:
-                    loss_log.write(f"{global_step},{epoch + 1},{last_loss:.8g}\n")
-                    loss_log.flush()
+                # the previous step's loss is read now, with this step already queued: reading this one at once would
+                # make the host wait for the device every step and leave a GPU idle while the next step is launched
+                pending.append((global_step, epoch, step) + _to_host_async(res["loss"].detach()))
+                last_loss = settle(keep_last=True)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{n_last / max(time.perf_counter() - t_last, 1e-9):.0f}")
                 bar.update()
-                if main and (global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1):
+                log_now = global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1
+                save_now = bool(cfg.train.checkpoint_every) and global_step % cfg.train.checkpoint_every == 0
+                if log_now or save_now:  # on every rank at the same steps, so ranks stop together on a NaN
+                    last_loss = settle()  # and no checkpoint holds weights that a non-finite loss has touched
+                if main and log_now:
                     dt = time.perf_counter() - t_last
                     scalars = {"loss": last_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": n_last / max(dt, 1e-9)}
                     scalars.update(extra_scalars)
@@ -460,12 +501,13 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                         tb.log_text(writer, "monitor/warning", msg, global_step)
                 if main and global_step == 1 or (main and step == 0 and epoch == cfg.train.epochs - 1):
                     tb.log_view_pairs(writer, v1, v2, global_step)
-                if cfg.train.checkpoint_every and global_step % cfg.train.checkpoint_every == 0 and main:
+                if main and save_now:
                     atomic_save(_checkpoint_state(method, opt, sched, None, epoch, step + 1, global_step, cfg),
                                 out / "checkpoints" / "last.pt")
                 if cfg.train.max_steps and global_step >= cfg.train.max_steps:
                     break
             bar.close()
+            last_loss = settle()
             if main:
                 atomic_save(_checkpoint_state(method, opt, sched, None, epoch, steps_per_epoch, global_step, cfg),
                             out / "checkpoints" / "last.pt")
@@ -492,6 +534,18 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log(f"inspect: tensorboard --logdir {out}")
     dist.cleanup()
     return out
+
+
+def _to_host_async(t: torch.Tensor):
+    """(host tensor, event): a copy of a device scalar queued on the current stream; the event says when it landed.
+    A plain .item() later would wait for everything queued after the value too."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def neighbor_pairing(cfg):

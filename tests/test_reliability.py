@@ -154,7 +154,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, phantoms2d, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every", [0, 3])  # 3: a mid-epoch checkpoint falls due at the NaN step itself
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, phantoms2d, monkeypatch, checkpoint_every):
     from medcl import methods
     from medcl.config import MedclConfig, apply_overrides
     from medcl.train import pretrain
@@ -169,12 +170,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, phantoms2d, mon
 
     monkeypatch.setattr(methods.SimCLR, "loss_fn", flaky)
     cfg = apply_overrides(MedclConfig(), {"encoder": {"name": "resnet10", "widen_factor": 0.125},
-                                          "data": {"size": 16}, "train": {"epochs": 3, "batch_size": 8}})
+                                          "data": {"size": 16},
+                                          "train": {"epochs": 3, "batch_size": 8, "checkpoint_every": checkpoint_every}})
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         pretrain(phantoms2d, tmp_path / "run", cfg, progress=False, log=lambda *a: None)
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["global_step"] == 6  # end of epoch 1; the NaN came at step 9
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    steps = [int(ln.split(",")[0]) for ln in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 9))  # every finite step logged, the NaN one not
 
 
 def test_symlink_loop_does_not_hang(tmp_path, phantoms2d):

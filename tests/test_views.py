@@ -82,3 +82,69 @@ def test_monai_and_batched_agree_in_statistics():
     mm = torch.stack([torch.as_tensor(m(xi)) for xi in x])
     assert abs(b.mean().item() - mm.mean().item()) < 0.08
     assert abs(b.std().item() - mm.std().item()) < 0.08
+
+
+@pytest.mark.parametrize("banded", [True, False])  # the GPU (banded matmul) and CPU (shifted sums) formulations
+@pytest.mark.parametrize("dims", [2, 3])
+def test_blur_matches_a_literal_gaussian_with_edge_replication(dims, banded):
+    from scipy.ndimage import correlate1d
+
+    from medcl.views import _gaussian_blur
+
+    x = torch.rand((4, 2) + (12,) * dims, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.0, 0.5, 0.8, 1.0])
+    out = _gaussian_blur(x, sigma, max_sigma=1.0, banded=banded)
+    ref = x.numpy().copy()
+    t = np.arange(-3, 4)  # radius ceil(3 * max_sigma) for every sample
+    for i, s in enumerate(sigma.tolist()):
+        if s == 0:
+            continue  # sigma 0 leaves the sample untouched
+        k = np.exp(-0.5 * (t / s) ** 2)
+        for axis in range(1, dims + 1):
+            ref[i] = correlate1d(ref[i], k / k.sum(), axis=axis, mode="nearest")
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-5)
+    assert torch.equal(out[0], x[0])
+
+
+def _stream(n=20, batch=4, seed=0):
+    from medcl.config import MedclConfig, apply_overrides
+    from medcl.train import BatchStream
+
+    cfg = apply_overrides(MedclConfig(), {"data": {"size": 12}, "train": {"seed": seed},
+                                          "views": {"backend": "batched"}})
+    return BatchStream(scans(2, n), cfg, torch.device("cpu"), batch, n // batch)
+
+
+def test_stream_views_depend_only_on_seed_epoch_and_step():
+    # views are made ahead in a background thread: which thread made them must not matter, and a resumed epoch
+    # (start_step > 0) must see the very views the uninterrupted epoch saw
+    full = {s: (v1, v2, idx) for s, v1, v2, idx in _stream().epoch(0)}
+    assert sorted(full) == [0, 1, 2, 3, 4]
+    assert sorted(np.concatenate([full[s][2] for s in full]).tolist()) == list(range(20))  # every scan once
+    resumed = {s: (v1, v2) for s, v1, v2, _ in _stream().epoch(0, start_step=3)}
+    assert sorted(resumed) == [3, 4]
+    for s in resumed:
+        assert torch.equal(resumed[s][0], full[s][0]) and torch.equal(resumed[s][1], full[s][1])
+    v1, v2, _ = full[0]
+    assert v1.shape == (4, 1, 12, 12) and not torch.allclose(v1, v2)
+    other = next(iter(_stream().epoch(1)))
+    assert not torch.allclose(other[1], v1)
+
+
+def test_stream_surfaces_a_producer_error_and_stops_its_thread_when_abandoned():
+    import threading
+
+    st = _stream()
+    gen = st.epoch(0)
+    next(gen)
+    gen.close()  # the training loop stopped early (max_steps, an exception): the producer must not linger
+    assert not any(t.name.startswith("medcl-views") and t.is_alive() for t in threading.enumerate())
+
+    class Broken(ScanSet):
+        def batch(self, idx):
+            raise OSError("disk vanished")
+
+    st = _stream()
+    st.scans = Broken(st.scans.images, st.scans.records)
+    with pytest.raises(OSError, match="disk vanished"):
+        list(st.epoch(0))
