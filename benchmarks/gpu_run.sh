@@ -13,7 +13,7 @@ python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', mona
 for part in "$@"; do
   case $part in
     tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_views.py 2>&1 | tee "$OUT/tests.txt" ;;
-    throughput) timeout 240 python3 benchmarks/throughput.py --warmup 3 --steps 10 2>&1 | tee "$OUT/throughput.txt" ;;
+    throughput) timeout 360 python3 benchmarks/throughput.py --warmup 3 --steps 10 2>&1 | tee "$OUT/throughput.txt" ;;
     demo) timeout 60 python3 -m medcl --quiet demo --out /tmp/demo_gpu --overwrite 2>&1 | tail -4 | tee "$OUT/demo.txt" ;;
     methods) timeout 200 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 20 --methods ${METHODS:-simclr supcon pair triplet moco_v2 moco_v3 byol simsiam barlow vicreg} 2>&1 | tee "$OUT/methods.txt" ;;
     fewlabel) timeout 240 python3 benchmarks/few_label.py --data .gpu_data/pneumoniamnist_reconstructed.npz \
