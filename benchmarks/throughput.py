@@ -2,9 +2,10 @@
 
   (a) model only: random view tensors already on the device (the bound)
   (b) medcl's pipeline: decoded-scan cache -> batched views on the training device -> step
+  (b') the same through the real `medcl pretrain` loop (an .npz of random scans; logging and loss reading included)
   (c) peer-style: MONAI transforms per sample in CPU DataLoader workers (as many as cores) -> step
 
-Prints a table with b/a and b/c and the peak GPU memory. Usage:
+Prints a table with b/a, b'/a and b/c and the peak GPU memory. Usage:
   python benchmarks/throughput.py            # GPU cases if a GPU is visible, else small CPU cases
   python benchmarks/throughput.py --cpu      # force the CPU cases
 """
@@ -15,7 +16,9 @@ import itertools
 import os
 import sys
 import time
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ from medcl.config import MedclConfig, apply_overrides  # noqa: E402
 from medcl.data.cache import ScanSet  # noqa: E402
 from medcl.encoders import build_encoder  # noqa: E402
 from medcl.methods import build_method  # noqa: E402
-from medcl.train import BatchStream, build_optimizer  # noqa: E402
+from medcl.train import BatchStream, build_optimizer, speed_settings  # noqa: E402
 from medcl.views import TwoViewDataset, monai_transform  # noqa: E402
 
 GPU_CASES = [("2D ResNet-18 128^2", 2, 128, "resnet18", 512), ("2D ResNet-50 224^2", 2, 224, "resnet50", 128),
@@ -35,46 +38,73 @@ GPU_CASES = [("2D ResNet-18 128^2", 2, 128, "resnet18", 512), ("2D ResNet-50 224
 CPU_CASES = [("2D ResNet-18 64^2", 2, 64, "resnet18", 64), ("3D ResNet-18 48^3 (standard stem)", 3, 48, "resnet18", 8)]
 
 
+def make_cfg(dims, size, name, batch):
+    return apply_overrides(MedclConfig(), {"data": {"dims": dims, "size": size},
+                                           "encoder": {"name": name, "stem": "standard" if dims == 3 else "auto"},
+                                           "train": {"batch_size": batch}})
+
+
 def setup(dims, size, name, batch, device):
-    cfg = apply_overrides(MedclConfig(), {"data": {"dims": dims, "size": size},
-                                          "encoder": {"name": name, "stem": "standard" if dims == 3 else "auto"},
-                                          "train": {"batch_size": batch}})
+    cfg = make_cfg(dims, size, name, batch)
+    speed = speed_settings(cfg, device)  # the training loop's own speed switches, at their defaults
     torch.manual_seed(0)
     method = build_method("simclr", build_encoder(cfg), cfg.method).to(device)
-    cl = device.type == "cuda" and dims == 2
-    if cl:
+    if speed["channels_last"]:
         method = method.to(memory_format=torch.channels_last)
-    opt = build_optimizer(cfg.optim, method, device)
-    return cfg, method, opt, cl
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = speed["cudnn_benchmark"]
+    opt = build_optimizer(cfg.optim, method, device, fused=speed["fused"])
+    return cfg, method, opt, speed
 
 
-def step(method, opt, v1, v2, device, cl):
-    if cl:
+def step(method, opt, v1, v2, device, speed):
+    if speed["channels_last"]:
         v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed["amp"]):
         loss = method(v1, v2)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def timed(it, method, opt, device, cl, warmup, steps, batch):
+def pretrain_loop(dims, size, name, batch, device, steps, tmp):
+    """(b') the real `medcl pretrain` on an .npz of random scans: one epoch of 2*steps steps, scalars logged every
+    `steps` steps; the samples/s it logs for the second half (the first half is warm-up) is the figure."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medcl.train import pretrain
+
+    n = batch * 2 * steps
+    rng = np.random.default_rng(1)
+    (Path(tmp) / "data").mkdir()
+    npz = Path(tmp) / "data" / f"random_{dims}d_{size}.npz"
+    np.savez(npz, train_images=rng.integers(0, 256, (n,) + (size,) * dims, dtype=np.uint8))
+    cfg = make_cfg(dims, size, name, batch)
+    cfg = apply_overrides(cfg, {"train": {"epochs": 1, "log_every": steps, "device": device.type},
+                                "data": {"cache_max_gb": 64.0}})
+    out = Path(tmp) / f"run_{dims}d_{size}"
+    pretrain(npz, out, cfg, overwrite=True, progress=False, log=lambda *a: None)
+    acc = EventAccumulator(str(out / "tb")).Reload()
+    return acc.Scalars("pretrain/images_per_s")[-1].value
+
+
+def timed(it, method, opt, device, speed, warmup, steps, batch):
     for _ in range(warmup):
         v1, v2 = next(it)[:2]
-        step(method, opt, v1, v2, device, cl)
+        step(method, opt, v1, v2, device, speed)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         v1, v2 = next(it)[:2]
-        step(method, opt, v1, v2, device, cl)
+        step(method, opt, v1, v2, device, speed)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t)
 
 
-def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rounds):
-    cfg, method, opt, cl = setup(dims, size, name, batch, device)
+def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rounds, loop):
+    cfg, method, opt, speed = setup(dims, size, name, batch, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     shape = (batch, 1) + (size,) * dims
@@ -112,7 +142,7 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rou
         for k, it in its.items():
             # (c) warms up past the workers' prefetched batches, so it is the steady state, not a drained queue
             w = warmup + (2 * workers if k == "c" else 0) if r == 0 else max(1, warmup // 2)
-            got[k].append(timed(it, method, opt, device, cl, w, steps, batch))
+            got[k].append(timed(it, method, opt, device, speed, w, steps, batch))
     a, b, c = (float(np.median(got[k])) for k in "abc")
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     # augmentation alone, one process: batched views on the device vs MONAI per sample on CPU (views/s)
@@ -134,7 +164,14 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rou
         tr(torch.as_tensor(scans.images[i]))
     e = k / (time.perf_counter() - t)
     spread = {k: (min(v), max(v)) for k, v in got.items()}
-    return dict(case=label, batch=batch, a=a, b=b, c=c, mem=mem, d=d, e=e, spread=spread)
+    bl = float("nan")
+    if loop:
+        del stream, loader, its, x, method, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as tmp:
+            bl = pretrain_loop(dims, size, name, batch, device, steps, tmp)
+    return dict(case=label, batch=batch, a=a, b=b, bl=bl, c=c, mem=mem, d=d, e=e, spread=spread)
 
 
 def fmt(v):
@@ -148,6 +185,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3, help="(a), (b), (c) take turns this many times; medians")
     ap.add_argument("--cases", nargs="*", help="substrings of case names to run")
+    ap.add_argument("--no-loop", action="store_true", help="skip (b'), the real `medcl pretrain` loop")
     args = ap.parse_args()
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
@@ -165,16 +203,18 @@ def main():
           f"median of {args.rounds} interleaved rounds")
     rows = []
     for case in cases:
-        r = run_case(*case, device, warmup, steps, workers, args.rounds)
+        r = run_case(*case, device, warmup, steps, workers, args.rounds, not args.no_loop)
         rows.append(r)
         print(f"  done {r['case']}", flush=True)
     print()
-    print("samples/s (1 sample = 2 views):")
-    print("| case | batch | (a) model only | (b) medcl batched views | (c) MONAI CPU workers | b/a | b/c | peak GPU mem (GiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("samples/s (1 sample = 2 views); (b') is one run of the real `medcl pretrain` loop (logging, loss reading,")
+    print("checkpoints included), the others medians of the interleaved rounds:")
+    print("| case | batch | (a) model only | (b) medcl batched views | (b') medcl pretrain | (c) MONAI CPU workers "
+          "| b/a | b'/a | b/c | peak GPU mem (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['batch']} | {fmt(r['a'])} | {fmt(r['b'])} | {fmt(r['c'])} | {r['b'] / r['a']:.2f} | "
-              f"{r['b'] / r['c']:.2f} | {r['mem']:.1f} |")
+        print(f"| {r['case']} | {r['batch']} | {fmt(r['a'])} | {fmt(r['b'])} | {fmt(r['bl'])} | {fmt(r['c'])} | "
+              f"{r['b'] / r['a']:.2f} | {r['bl'] / r['a']:.2f} | {r['b'] / r['c']:.2f} | {r['mem']:.1f} |")
     print()
     print("spread over rounds (min-max samples/s):")
     for r in rows:

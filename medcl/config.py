@@ -86,8 +86,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    # speed switches (see medcl.train.speed_settings for what each resolves to on a device)
     channels_last: bool = True  # 2D on GPU
-    compile: bool = False  # torch.compile the encoder
+    compile: bool = False  # torch.compile the encoder (minutes of compilation; pays off on long GPU runs)
+    cudnn_benchmark: bool = True  # GPU: autotune convolution algorithms once for the fixed input shape
+    fused_optimizer: str = "auto"  # auto (fused AdamW on GPU) | on | off; LARS is never fused
     num_workers: int = 0  # DataLoader workers for the monai view backend
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
     log_every: int = 10  # steps between scalar logs
@@ -223,6 +226,7 @@ _CHOICES = {
     ("optim", "name"): ("adamw", "lars"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "amp"): ("auto", "bf16", "off"),
+    ("train", "fused_optimizer"): ("auto", "on", "off"),
 }
 
 

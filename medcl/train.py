@@ -65,7 +65,19 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-g["lr"])
 
 
-def build_optimizer(cfg, model, device) -> torch.optim.Optimizer:
+def speed_settings(cfg: MedclConfig, device: torch.device) -> dict:
+    """What the speed switches of `cfg.train` mean on `device`: the one place the training loop and the throughput
+    benchmark take them from."""
+    t, cuda = cfg.train, device.type == "cuda"
+    return {"amp": t.amp == "bf16" or (cuda and t.amp == "auto"),  # bf16 autocast
+            "channels_last": cuda and cfg.data.dims == 2 and t.channels_last,
+            "compile": t.compile,
+            "cudnn_benchmark": cuda and t.cudnn_benchmark,
+            "fused": cfg.optim.name == "adamw" and (t.fused_optimizer == "on" or (cuda and t.fused_optimizer == "auto"))}
+
+
+def build_optimizer(cfg, model, device, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (fused when `fused`, default: on a GPU) or LARS, without weight decay on biases and norm layers."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -74,7 +86,7 @@ def build_optimizer(cfg, model, device) -> torch.optim.Optimizer:
         return LARS([{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}], lr=cfg.lr,
                     weight_decay=cfg.weight_decay)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda" if fused is None else fused)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -365,8 +377,11 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
 
     encoder = build_encoder(cfg)
     method = build_method(cfg.method.name, encoder, cfg.method).to(device)
-    if device.type == "cuda" and cfg.data.dims == 2 and cfg.train.channels_last:
+    speed = speed_settings(cfg, device)
+    if speed["channels_last"]:
         method = method.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = speed["cudnn_benchmark"]  # shapes are fixed: every batch is full
     lab = None
     if method.needs_labels:
         if labels is None:
@@ -381,13 +396,13 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
         method.gather, method.rank = dist.gather_with_grad, dist.rank()
-    if cfg.train.compile:
+    if speed["compile"]:
         method.encoder = torch.compile(method.encoder)
-    opt = build_optimizer(cfg.optim, method, device)
+    opt = build_optimizer(cfg.optim, method, device, fused=speed["fused"])
     total = steps_per_epoch * cfg.train.epochs
     warm = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warm, total, cfg.optim.min_lr_ratio))
-    use_amp = device.type == "cuda" and cfg.train.amp in ("auto", "bf16") or cfg.train.amp == "bf16"
+    use_amp = speed["amp"]
     start_epoch, start_step, global_step = 0, 0, 0
     if ckpt is not None:
         try:
@@ -455,7 +470,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
             t_last, n_last = time.perf_counter(), 0
             first = start_step if epoch == start_epoch else 0
             for step, v1, v2, idx in stream.epoch(epoch, first):
-                if device.type == "cuda" and cfg.data.dims == 2 and cfg.train.channels_last:
+                if speed["channels_last"]:
                     v1 = v1.contiguous(memory_format=torch.channels_last)
                     v2 = v2.contiguous(memory_format=torch.channels_last)
                 y = None
@@ -511,7 +526,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
             if main:
                 atomic_save(_checkpoint_state(method, opt, sched, None, epoch, steps_per_epoch, global_step, cfg),
                             out / "checkpoints" / "last.pt")
-                export_encoder(method.encoder if not cfg.train.compile else method.encoder._orig_mod, out / "encoder.pt", extra)
+                export_encoder(method.encoder if not speed["compile"] else method.encoder._orig_mod, out / "encoder.pt", extra)
                 if probe is not None:
                     feats = encode(method.encoder, probe[0], device, amp=use_amp)
                     k = knn_probe(feats, probe[1], seed=cfg.train.seed)
