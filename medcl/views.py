@@ -93,17 +93,6 @@ def _rotation(angles: torch.Tensor, dims: int) -> torch.Tensor:
     return out
 
 
-def _blur_matrices(sigma: torch.Tensor, n: int, radius: int) -> torch.Tensor:
-    """(B, n, n) matrices M with out = M @ x along one axis: a 1-D gaussian of per-sample `sigma` (pixels; 0 leaves
-    the sample untouched), truncated at `radius`, with edge-replicate padding folded into the first/last columns."""
-    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t[None] / sigma.float().clamp_min(1e-3)[:, None]) ** 2)
-    k = torch.where((sigma > 0)[:, None], k / k.sum(1, keepdim=True), (t == 0).float()[None])
-    cols = (torch.arange(n, device=sigma.device)[:, None] + t.long()[None]).clamp(0, n - 1)  # (n, K) input index
-    m = torch.zeros(len(sigma), n, n, device=sigma.device)
-    return m.scatter_add_(2, cols.expand(len(sigma), n, len(t)), k[:, None, :].expand(len(sigma), n, len(t)))
-
-
 def _blur_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """(B, 2*radius+1) normalised gaussian taps per sample; sigma 0 gives the identity tap."""
     t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
@@ -120,21 +109,23 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float, bande
     radius = max(1, int(math.ceil(3 * max_sigma)))
     k = _blur_kernels(sigma, radius).to(x.dtype)
     taps = 2 * radius + 1
-    bshape = (len(sigma),) + (1,) * (x.ndim - 1)
+    bshape = (len(sigma),) + (1,) * (x.ndim - 1)  # per-sample tap weights broadcast over channels and space
     banded = x.device.type == "cuda" if banded is None else banded
+    b = len(sigma)
+    mats: dict = {}
     y = x
     for axis in range(2, x.ndim):
         n = x.shape[axis]
         if banded:
-            cols = (torch.arange(n, device=x.device)[:, None] + torch.arange(-radius, radius + 1, device=x.device))
-            cols = cols.clamp(0, n - 1).expand(len(sigma), n, taps)  # input index of each tap, replicate padding
-            m = torch.zeros(len(sigma), n, n, device=x.device, dtype=x.dtype)
-            m.scatter_add_(2, cols, k[:, None, :].expand(len(sigma), n, taps))  # out = m @ in along this axis
-            m = m.view((len(sigma),) + (1,) * (x.ndim - 3) + (n, n))
-            y = torch.matmul(m, y.movedim(axis, -2)).movedim(-2, axis)
+            if n not in mats:  # (B, n, n), out = m @ in along the axis; replicate padding folds into the end columns
+                cols = (torch.arange(n, device=x.device)[:, None] + torch.arange(-radius, radius + 1, device=x.device))
+                m = torch.zeros(b, n, n, device=x.device, dtype=x.dtype)
+                mats[n] = m.scatter_add_(2, cols.clamp(0, n - 1).expand(b, n, taps), k[:, None, :].expand(b, n, taps))
+            moved = y.movedim(axis, 1)  # (B, n, everything else): one bmm per axis, no broadcast copies of m
+            y = torch.bmm(mats[n], moved.reshape(b, n, -1)).view(moved.shape).movedim(1, axis)
         else:
-            padded = torch.cat([y.narrow(axis, 0, 1).expand_as(y.narrow(axis, 0, radius)), y,
-                                y.narrow(axis, n - 1, 1).expand_as(y.narrow(axis, 0, radius))], axis)
+            edge = torch.arange(-radius, n + radius, device=x.device).clamp(0, n - 1)  # replicate padding
+            padded = y.index_select(axis, edge)
             acc = padded.narrow(axis, 0, n) * k[:, 0].view(bshape)
             for j in range(1, taps):
                 acc.addcmul_(padded.narrow(axis, j, n), k[:, j].view(bshape))
