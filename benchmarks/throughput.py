@@ -15,8 +15,8 @@ import argparse
 import itertools
 import os
 import sys
-import time
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
