@@ -150,6 +150,23 @@ def test_cache_skips_bad_and_lists_them(tmp_path, phantoms2d):
         build_cache(discover(data), 2, 16, max_bad_fraction=0.0, progress=False)
 
 
+def test_cache_above_its_memory_cap_is_a_memmap_in_the_run_folder(tmp_path, phantoms2d):
+    # folders larger than RAM: above data.cache_max_gb the decoded scans go to a .npy memmap under the run folder
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(phantoms2d / "scans", data)
+    (data / "broken.png").write_bytes(b"nope")
+    in_ram = build_cache(discover(data), 2, 16, progress=False)
+    on_disk = build_cache(discover(data), 2, 16, cache_dir=tmp_path / "run" / "cache", cache_max_gb=0.0,
+                          progress=False)
+    assert not isinstance(in_ram.images, np.memmap) and isinstance(on_disk.images, np.memmap)
+    assert (tmp_path / "run" / "cache" / "scans.npy").is_file() and not list(data.rglob("*.npy"))
+    assert [r.key for r in on_disk.records] == [r.key for r in in_ram.records] and len(on_disk) == 48
+    idx = np.array([0, 47, 5, 5])
+    np.testing.assert_array_equal(on_disk.batch(idx), in_ram.batch(idx))  # the skipped scan's row is never served
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(MedclError, match="no scans found"):
         discover(tmp_path)
