@@ -58,14 +58,13 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[r * ctx.n:(r + 1) * ctx.n]
 
 
-def all_reduce_mean(value: float) -> float:
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks, queued on the device (no host wait on NCCL); the tensor itself with one process."""
     if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if tdist.get_backend() == "nccl":
-        t = t.cuda()
+        return t
+    t = t.detach().float().clone()
     tdist.all_reduce(t)
-    return float(t.item()) / world_size()
+    return t / world_size()
 
 
 def barrier():

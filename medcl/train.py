@@ -326,6 +326,12 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if epochs is not None:
         cfg.train.epochs = epochs
     out = Path(out)
+    # join torchrun's process group first: rank 0 alone prepares the run folder, the other ranks wait for it
+    saved = out / "config.yaml"
+    device = pick_device((load_config(saved) if resume and saved.is_file() else cfg).train.device)
+    dist.init_from_env(device.type)
+    if device.type == "cuda" and dist.world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     main = dist.is_main()
     if main:
         prepare_out_dir(out, data, resume=resume, overwrite=overwrite)
@@ -333,22 +339,21 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     ckpt = None
     if resume:
         ckpt = safe_load(out / "checkpoints" / "last.pt", "checkpoint") if (out / "checkpoints" / "last.pt").is_file() else None
-        cfg = load_config(out / "config.yaml")
+        cfg = load_config(saved)
         if epochs is not None:
             cfg.train.epochs = epochs
     if main:
-        save_config(cfg, out / "config.yaml")
-    device = pick_device(cfg.train.device)
-    dist.init_from_env(device.type)
-    if device.type == "cuda" and dist.world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
+        save_config(cfg, saved)
     seed_everything(cfg.train.seed)
 
     cache_dims = 3 if cfg.method.positives == "neighbors" else cfg.data.dims  # 2D neighbours are slices of volumes
     source = open_source(data, cache_dims, cfg.data.npz_split)
-    log(f"found {len(source.records)} scans in {data}")
+    if main:
+        log(f"found {len(source.records)} scans in {data}")
+    # every rank decodes the scans itself; a cache too big for memory gets one memmap file per rank (no shared writes)
+    cache_dir = out / "cache" if dist.world_size() == 1 else out / "cache" / f"rank{dist.rank()}"
     scans = build_cache(source, cache_dims, cfg.data.size, cfg.data.channels, cfg.data.intensity, cfg.data.strict,
-                        cfg.data.max_bad_fraction, out / "cache", cfg.data.cache_max_gb, cfg.data.num_workers,
+                        cfg.data.max_bad_fraction, cache_dir, cfg.data.cache_max_gb, cfg.data.num_workers,
                         progress and main)
     if main:
         write_skipped(scans.skipped, out / "skipped.csv")
@@ -488,7 +493,9 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 n_last += len(v1) * world
                 # the previous step's loss is read now, with this step already queued: reading this one at once would
                 # make the host wait for the device every step and leave a GPU idle while the next step is launched
-                pending.append((global_step, epoch, step) + _to_host_async(res["loss"].detach()))
+                # the logged loss is the mean over ranks: a NaN on any rank reaches all, so all stop at the same step
+                # (a rank stopping alone would leave the others waiting in the next collective)
+                pending.append((global_step, epoch, step) + _to_host_async(dist.mean_over_ranks(res["loss"].detach())))
                 last_loss = settle(keep_last=True)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{n_last / max(time.perf_counter() - t_last, 1e-9):.0f}")
                 bar.update()
