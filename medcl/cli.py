@@ -14,6 +14,7 @@ EPILOG_PRETRAIN = """examples:
   medcl pretrain pneumoniamnist.npz --out runs/pm --config configs/pretrain/medmnist28.yaml
   medcl pretrain scans/ --out runs/byol --set method.name=byol --set optim.lr=3e-4
   medcl pretrain scans/ --out runs/simclr --resume               # continue an interrupted run
+  torchrun --nproc_per_node 8 -m medcl pretrain scans/ --out runs/big --batch-size 2048   # 8 GPUs, global batch
 """
 EPILOG_FINETUNE = """examples:
   medcl finetune --checkpoint runs/simclr --data scans/ --labels labels.csv --out ft/1pct --label-fraction 0.01

@@ -47,3 +47,19 @@ def test_compiled_encoder_exports_a_strict_loadable_encoder(tmp_path, phantoms2d
     assert keys and not any("_orig_mod" in k for k in keys)  # the plain module was exported, not the compiled wrapper
     enc, _ = load_encoder(tmp_path / "run" / "encoder.pt")  # strict: fails on any missing or unexpected key
     assert enc(torch.rand(2, 1, 16, 16)).shape[0] == 2
+
+
+def test_stem_fits_the_input_size():
+    from medcl.encoders import build_encoder
+
+    def first_conv(size, stem="auto", dims=2):
+        cfg = apply_overrides(MedclConfig(), {"data": {"size": size, "dims": dims},
+                                              "encoder": {"name": "resnet10", "widen_factor": 0.125, "stem": stem}})
+        enc = build_encoder(cfg)
+        return enc.spec["stem"], enc.net.conv1.stride[0], enc.net.conv1.kernel_size[0]
+
+    assert first_conv(28) == ("small", 1, 3)  # small inputs keep their detail: 3x3, stride 1, no max-pool
+    assert first_conv(32, dims=3) == ("small", 1, 3)
+    assert first_conv(64) == ("standard", 2, 7)  # larger ones are downsampled early: 7x7, stride 2
+    assert first_conv(28, stem="standard") == ("standard", 2, 7)
+    assert first_conv(128, stem="small") == ("small", 1, 3)
