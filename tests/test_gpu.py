@@ -47,8 +47,11 @@ def test_side_stream_views_are_deterministic_and_survive_the_step(on_device):
     assert len(a) == 4
     for (x1, x2, s1), (y1, y2, s2) in zip(a, b):
         assert x1.shape == (16, 1, 32, 32) and torch.isfinite(x1).all()
-        assert torch.equal(x1, y1) and torch.equal(x2, y2) and s1 == s2
-        assert not torch.equal(x1, x2)
+        # same seed, same views (a tolerance, not bitwise: cuBLAS on a side stream need not be bitwise repeatable)
+        torch.testing.assert_close(x1, y1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(x2, y2, atol=1e-5, rtol=0)
+        assert s1 == pytest.approx(s2, rel=1e-4)
+        assert (x1 - x2).abs().mean() > 0.01
 
 
 def test_pretrain_on_the_gpu_logs_every_step_and_checkpoints(tmp_path, phantoms2d):
