@@ -27,21 +27,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, labels
     n = z1.shape[0]
     z = torch.cat([z1, z2])
     z = F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
-    z_all = gather(z) if gather is not _identity else z
+    z_all = gather(z)
     logits = z @ z_all.T / temperature
     m = z_all.shape[0]
-    world = m // (2 * n)
     rows = torch.arange(2 * n, device=z.device)
     # global column of each local row: gathered layout is [rank0: z1, z2 | rank1: z1, z2 | ...]
     self_col = rank * 2 * n + rows
     logits = logits.masked_fill(F.one_hot(self_col, m).bool(), float("-inf"))
     # instance ids: view pairs share an id
-    inst = torch.cat([torch.arange(n, device=z.device)] * 2)
-    inst_all = torch.cat([torch.cat([torch.arange(n, device=z.device) + r * n] * 2) for r in range(world)])
-    pos = (inst + rank * n)[:, None] == inst_all[None, :]
+    cols = torch.arange(m, device=z.device)
+    inst_all = cols // (2 * n) * n + cols % n  # global sample id of each column (its rank's block, then z1 | z2)
+    pos = (rank * n + rows % n)[:, None] == inst_all[None, :]
     if labels is not None:
         lab = torch.cat([labels, labels]).to(z.device)
-        lab_all = gather(lab) if gather is not _identity else lab
+        lab_all = gather(lab)
         pos = pos | ((lab[:, None] == lab_all[None, :]) & (lab[:, None] >= 0))
     pos[rows, self_col] = False
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
@@ -158,7 +157,7 @@ def infonce_batch(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, ga
     gather = gather or _identity
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1).detach()
-    k_all = gather(k) if gather is not _identity else k
+    k_all = gather(k)
     logits = q @ k_all.T / temperature
     target = torch.arange(len(q), device=q.device) + rank * len(q)
     return F.cross_entropy(logits, target) * 2 * temperature

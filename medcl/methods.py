@@ -132,9 +132,8 @@ class _Momentum(SSLMethod):
         self.current_momentum = m
         for online, target in ((self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)):
             # one fused update for all tensors (a per-parameter loop is hundreds of tiny kernel launches on a GPU)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
-                torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
+            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
+            torch._foreach_copy_(list(target.buffers()), list(online.buffers()))
         return {"momentum": m}
 
 
@@ -166,17 +165,16 @@ class MoCoV3(_Momentum):
 class MoCoV2(_Momentum):
     def __init__(self, encoder, cfg):
         super().__init__(encoder, cfg)
-        # fixed-size ring buffer (so checkpoints always have the same shapes) and how many slots are filled
-        # starts with random unit vectors, as in the MoCo reference implementation
+        # fixed-size ring buffer (so checkpoints always have the same shapes), full from the start: random unit
+        # vectors, as in the MoCo reference implementation
         self.register_buffer("queue", nn.functional.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
-        self.register_buffer("queue_filled", torch.tensor(cfg.queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def forward(self, v1, v2, labels=None):
         q1, q2 = self.embed(v1), self.embed(v2)
         k1, k2 = self.target(v1), self.target(v2)
         t = self.cfg.temperature
-        negatives = self.queue[: int(self.queue_filled)].clone()  # the enqueue below writes in place
+        negatives = self.queue.clone()  # the enqueue below writes in place
         loss = (losses.infonce_queue(q1, k2, negatives, t) + losses.infonce_queue(q2, k1, negatives, t)) / 2
         if self.training:
             self._enqueue(torch.cat([k1, k2]))
@@ -189,10 +187,10 @@ class MoCoV2(_Momentum):
             keys = self.gather(keys)
         size = self.queue.shape[0]
         keys = keys[:size]
-        idx = (int(self.queue_ptr) + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[idx] = keys
-        self.queue_ptr.fill_((int(self.queue_ptr) + len(keys)) % size)
-        self.queue_filled.fill_(min(size, int(self.queue_filled) + len(keys)))
+        # the pointer stays on the device: reading it on the host would stall a GPU every step
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
 
 
 METHODS = {"simclr": SimCLR, "supcon": SupCon, "pair": PairMargin, "triplet": Triplet, "moco_v2": MoCoV2,

@@ -241,20 +241,24 @@ def make_partner(kind: str, patients, seed: int):
     """Positives other than two views of one scan: `patient` pairs scans of the same patient (MICLe)."""
     if kind != "patient":
         return None
-    groups: dict = {}
-    for i, p in enumerate(patients):
-        groups.setdefault(p, []).append(i)
-    members = [np.array(groups[p]) for p in patients]
+    # scans ordered by patient: each patient's scans are one run of `flat`, starting at start[i] for scan i
+    _, group = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    flat = np.argsort(group, kind="stable")
+    sizes = np.bincount(group)
+    start = (np.cumsum(sizes) - sizes)[group]
+    size = sizes[group]
+    pos = np.empty(len(flat), dtype=np.int64)
+    pos[flat] = np.arange(len(flat)) - (np.cumsum(sizes) - sizes)[group[flat]]  # scan's place within its patient
 
     def partner(idx, epoch):
+        """Another scan of the same patient for each index, drawn for the whole batch at once; a single-scan patient
+        falls back to its own views."""
+        idx = np.asarray(idx)
         rng = np.random.default_rng([seed, epoch, 11])
-        out = np.array(idx, copy=True)
-        for k, i in enumerate(idx):
-            m = members[i]
-            if len(m) > 1:  # another scan of the same patient; a single-scan patient falls back to its own views
-                choices = m[m != i]
-                out[k] = choices[rng.integers(len(choices))]
-        return out
+        n = size[idx]
+        r = (rng.random(len(idx)) * np.maximum(n - 1, 1)).astype(np.int64)  # uniform over the n - 1 others
+        r += r >= pos[idx]  # skip the scan itself
+        return np.where(n > 1, flat[start[idx] + np.minimum(r, n - 1)], idx)
 
     return partner
 
@@ -289,9 +293,9 @@ def _set_rng_state(st: dict) -> None:
     random.setstate((v, tuple(internal), g))
 
 
-def _checkpoint_state(method, opt, sched, scaler, epoch, step, global_step, cfg):
+def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg):
     return {"format": "medcl-checkpoint-v1", "model": method.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "scheduler": sched.state_dict(),  # bf16 autocast needs no gradient scaler
             "epoch": epoch, "step": step, "global_step": global_step,
             "rng": _rng_state(),
             "config": cfg.to_dict()}
@@ -524,14 +528,14 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 if main and global_step == 1 or (main and step == 0 and epoch == cfg.train.epochs - 1):
                     tb.log_view_pairs(writer, v1, v2, global_step)
                 if main and save_now:
-                    atomic_save(_checkpoint_state(method, opt, sched, None, epoch, step + 1, global_step, cfg),
+                    atomic_save(_checkpoint_state(method, opt, sched, epoch, step + 1, global_step, cfg),
                                 out / "checkpoints" / "last.pt")
                 if cfg.train.max_steps and global_step >= cfg.train.max_steps:
                     break
             bar.close()
             last_loss = settle()
             if main:
-                atomic_save(_checkpoint_state(method, opt, sched, None, epoch, steps_per_epoch, global_step, cfg),
+                atomic_save(_checkpoint_state(method, opt, sched, epoch, steps_per_epoch, global_step, cfg),
                             out / "checkpoints" / "last.pt")
                 export_encoder(method.encoder if not speed["compile"] else method.encoder._orig_mod, out / "encoder.pt", extra)
                 if probe is not None:

@@ -185,3 +185,16 @@ def test_pairs_csv_errors(tmp_path):
         read_pairs_csv(p)
     p.write_text("path_a,path_b,similar\nx.png,y.png,1\nx.png,z.png,0\n")
     assert read_pairs_csv(p) == [("x.png", "y.png", 1), ("x.png", "z.png", 0)]
+
+
+def test_moco_v2_queue_is_a_ring_buffer_of_the_newest_keys():
+    cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"size": 16}, "method": {**TINY["method"], "queue_size": 10}})
+    method = build_method("moco_v2", build_encoder(cfg), cfg.method)
+    first = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    second = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    method._enqueue(first)
+    assert int(method.queue_ptr) == 6 and torch.allclose(method.queue[:6], first)
+    method._enqueue(second)  # 4 slots left: the last two keys wrap to the front, over the oldest
+    assert int(method.queue_ptr) == 2
+    assert torch.allclose(method.queue[6:], second[:4]) and torch.allclose(method.queue[:2], second[4:])
+    assert torch.allclose(method.queue[2:6], first[2:6])
