@@ -170,3 +170,69 @@ def test_cache_above_its_memory_cap_is_a_memmap_in_the_run_folder(tmp_path, phan
 def test_empty_folder(tmp_path):
     with pytest.raises(MedclError, match="no scans found"):
         discover(tmp_path)
+
+
+# ---- one axis convention for every format (issue: PNG/JPEG were read width-first, .npy/DICOM were not) ----------
+
+def _dicom(path, pixels, z=0.0, series="1.2.3.4"):
+    """A minimal uncompressed MONOCHROME2 DICOM slice with exactly these pixels (rows x columns)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.ImagePositionPatient, ds.InstanceNumber = series, [0, 0, z], int(z) + 1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_every_2d_format_reads_the_same_pixels_rows_first(tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    a = ((np.arange(40 * 60).reshape(40, 60) * 7) % 251).astype(np.uint8)  # 40 rows (H) x 60 columns (W), asymmetric
+    for ext in ("png", "tif", "bmp"):
+        Image.fromarray(a).save(tmp_path / f"t.{ext}")
+    Image.fromarray(np.stack([a, a, a], -1)).save(tmp_path / "rgb.png")
+    np.save(tmp_path / "t.npy", a)
+    nib.save(nib.Nifti1Image(a.astype(np.float32), np.eye(4)), str(tmp_path / "t.nii.gz"))
+    _dicom(tmp_path / "t.dcm", a)
+    for name in ("t.png", "t.tif", "t.bmp", "t.npy", "t.nii.gz", "t.dcm"):
+        arr, _ = read_scan(tmp_path / name)
+        assert arr.shape == (1, 40, 60), name
+        np.testing.assert_array_equal(arr[0], a, err_msg=name)
+    arr, _ = read_scan(tmp_path / "rgb.png")
+    assert arr.shape == (3, 40, 60) and np.array_equal(arr[1], a)
+    Image.fromarray(a).save(tmp_path / "t.jpg", quality=95)  # lossy: the same orientation, nearly the same values
+    arr, _ = read_scan(tmp_path / "t.jpg")
+    assert arr.shape == (1, 40, 60) and np.abs(arr[0] - a).mean() < 4
+    # and through the cache: a tall image stays tall (rows are padded on the sides, not on top)
+    out = to_model_array(read_scan(tmp_path / "t.png")[0], None, "t.png", 2, 30, 1, "minmax")
+    filled_rows = np.flatnonzero(out[0].max(axis=1) > 0)
+    assert len(filled_rows) == 20  # 40x60 fit into 30: 20 rows x 30 columns
+
+
+def test_every_3d_format_reads_the_same_voxels(tmp_path):
+    import nibabel as nib
+
+    v = ((np.arange(12 * 10 * 6).reshape(12, 10, 6) * 5) % 199).astype(np.uint16)
+    np.save(tmp_path / "v.npy", v)
+    nib.save(nib.Nifti1Image(v.astype(np.float32), np.eye(4)), str(tmp_path / "v.nii.gz"))
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(v.shape[2]):
+        _dicom(series / f"s{k}.dcm", v[:, :, k], z=float(k))
+    vols = {"npy": read_scan(tmp_path / "v.npy")[0], "nifti": read_scan(tmp_path / "v.nii.gz")[0]}
+    src = discover(series, dims=3)
+    vols["dicom series"] = src.read(src.records[0])[0]
+    for name, arr in vols.items():
+        assert arr.shape == (1, 12, 10, 6), name
+        np.testing.assert_array_equal(arr[0], v, err_msg=name)

@@ -1,7 +1,12 @@
 """One way to read any scan: a channel-first float32 array plus its voxel spacing.
 
-NIfTI and PNG/JPEG/TIFF go through MONAI's LoadImage; DICOM through pydicom (so a series of slices can be
+NIfTI and PNG/JPEG/TIFF/BMP go through MONAI's LoadImage; DICOM through pydicom (so a series of slices can be
 stacked in order); .npy through numpy without pickles. Every failure becomes a ScanReadError naming the file.
+
+Axis convention, the same for every format: the array axes as the file stores them, channel first.
+2D: (C, H, W) = (C, rows, columns), as numpy, PIL and DICOM (`pixel_array`) index an image.
+3D: (C, *voxel index), i.e. NIfTI's (i, j, k), a DICOM series' (rows, columns, slices), a .npy as saved.
+So one set of pixels saved as PNG, TIFF, .npy, NIfTI or DICOM reads back as the same array.
 """
 from __future__ import annotations
 
@@ -33,24 +38,28 @@ def scan_format(path: str | os.PathLike) -> str | None:
     return None
 
 
-_loader = None
+_loaders: dict = {}
 
 
-def _monai_loader():
-    global _loader
-    if _loader is None:
+def _monai_loader(fmt: str):
+    if fmt not in _loaders:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from monai.data import NibabelReader, PILReader
             from monai.transforms import LoadImage
 
-            _loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-    return _loader
+            # PILReader reverses the axes by default (width first): a chest X-ray would come out sideways, and
+            # differently from the same pixels as .npy or DICOM. Naming the reader also keeps MONAI from handing
+            # .tif files to its DICOM reader.
+            reader = PILReader(reverse_indexing=False) if fmt == "image" else NibabelReader()
+            _loaders[fmt] = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)
+    return _loaders[fmt]
 
 
-def _read_monai(path: Path):
+def _read_monai(path: Path, fmt: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = _monai_loader()(str(path))
+        img = _monai_loader(fmt)(str(path))
     arr = np.asarray(img.numpy() if hasattr(img, "numpy") else img, dtype=np.float32)
     spacing = None
     try:
@@ -152,7 +161,7 @@ def read_scan(path, fmt: str | None = None, files=None):
             if fmt == "npy":
                 arr, spacing = _read_npy(path)
             elif fmt in ("nifti", "image"):
-                arr, spacing = _read_monai(path)
+                arr, spacing = _read_monai(path, fmt)
             else:
                 raise ScanReadError(path, "unknown scan format (expected NIfTI, DICOM, PNG/JPEG/TIFF or .npy).")
     except ScanReadError:
