@@ -1,14 +1,13 @@
 """`medcl demo`: the whole journey on synthetic phantoms, offline, in a few minutes on a laptop CPU."""
 from __future__ import annotations
 
-import json
 import time
 
 from .config import MedclConfig, apply_overrides
 from .data.synthetic import make_phantoms
 from .embed import embed
 from .finetune import finetune
-from .runs import prepare_out_dir
+from .runs import prepare_out_dir, write_json
 from .train import pretrain
 
 DEMO_SETTINGS = {
@@ -43,7 +42,7 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
           classifier=out / "finetune", progress=progress, log=log)
     summary = {"dims": dims, "n_scans": n, "test_auc": m["test"]["auc"], "test_accuracy": m["test"]["accuracy"],
                "n_labeled_train": m["n_labeled_train"], "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "demo.json", summary)
     log("")
     log(f"demo finished in {summary['seconds']:.0f}s: test AUC {m['test']['auc']:.3f} "
         f"(healthy vs lesion phantoms, {m['n_labeled_train']} labeled training scans; chance is 0.5)")

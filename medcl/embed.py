@@ -77,9 +77,10 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     keys = [r.key for r in scans.records]
     table = None
     if labels:
-        table = read_labels_csv(labels, source.root, positive)
+        # labels are metadata here: any number of classes is fine unless a diseased class is named
+        table = read_labels_csv(labels, source.root, positive, multiclass=positive is None)
     elif any(r.label is not None for r in scans.records):
-        table = labels_from_records(scans.records, positive)
+        table = labels_from_records(scans.records, positive, multiclass=positive is None)
     encoder = encoder.to(dev)
     feats = encode(encoder, scans, dev)
     label_col = [table.labels[table.row_of(k)] if table is not None and table.row_of(k) is not None else "" for k in keys]

@@ -6,7 +6,6 @@ learning_curve.png, and TensorBoard scalars + hparams.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from . import tensorboard as tb
 from .encoders import Encoder, load_encoder
 from .finetune import budget_rows, load_labeled, run_head, write_splits
 from .metrics import bootstrap_ci, mean_ci, score, youden_threshold
-from .runs import prepare_out_dir
+from .runs import prepare_out_dir, write_json
 from .train import encode, pick_device, seed_everything
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
@@ -37,13 +36,14 @@ def _budgets(fractions, per_class):
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
              heads=("knn", "linear", "mlp"), baseline: str = "finetune", epochs: int = 30, val_labels: str = "budget",
              positive=None, overwrite=False, device="auto", baseline_max_fraction: float = 1.0, progress=True,
-             log=print) -> list:
+             log=print, negative=None, multiclass=False) -> list:
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
     t0 = time.perf_counter()
     dev = pick_device(device)
     encoder, extra = load_encoder(checkpoint)
     settings = extra.get("data", {})
-    ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log)
+    ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
+                      negative=negative, multiclass=multiclass)
     write_splits(ld, out / "splits.csv")
     encoder = encoder.to(dev)
     log(f"encoding {len(ld.scans)} labeled scans with the pretrained encoder")
@@ -95,9 +95,9 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                        {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"], "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
         sub.close()
     writer.close()
-    (out / "protocol.json").write_text(json.dumps({"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
+    write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
                                                    "heads": list(heads), "baseline": baseline, "val_labels": val_labels,
-                                                   "splits": ld.split_source, "seconds": round(time.perf_counter() - t0)}, indent=2))
+                                                   "splits": ld.split_source, "seconds": round(time.perf_counter() - t0)})
     log(summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=True))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
     return rows

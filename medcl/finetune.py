@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from .data.labels import LabelsTable, labels_from_records, make_splits, read_lab
 from .encoders import Encoder, atomic_save, build_encoder, load_encoder
 from .errors import LabelsError, MedclError
 from .metrics import bootstrap_ci, score, youden_threshold
-from .runs import prepare_out_dir
+from .runs import prepare_out_dir, write_json
 from .train import encode, pick_device, seed_everything
 from .views import BatchedViews
 
@@ -56,13 +55,14 @@ def load_encoder_or_scratch(checkpoint, cfg: MedclConfig):
 
 def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_seed: int = 0, out: Path | None = None,
                  allow_outside: bool = False, strict: bool = False, max_bad_fraction: float = 0.2,
-                 progress: bool = True, log=print) -> LabeledData:
+                 progress: bool = True, log=print, negative=None, multiclass: bool = False) -> LabeledData:
     dims, size = int(data_settings.get("dims", 2)), int(data_settings.get("size", 64))
     source = open_source(data, dims, "all")
     if labels_csv:
-        table = read_labels_csv(labels_csv, source.root if not source.arrays else None, positive, allow_outside)
+        table = read_labels_csv(labels_csv, source.root if not source.arrays else None, positive, allow_outside,
+                                negative, multiclass)
     else:
-        table = labels_from_records(source.records, positive)
+        table = labels_from_records(source.records, positive, negative, multiclass)
     by_key = {r.key: r for r in source.records}
     missing = [k for k in table.keys if k not in by_key]
     if missing:
@@ -318,7 +318,7 @@ def load_classifier(path) -> tuple[Classifier, dict]:
 
 def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_class=None, mode="probe", seed=0,
              positive=None, cfg: MedclConfig | None = None, overwrite=False, epochs=30, val_labels="budget",
-             allow_outside=False, progress=True, log=print) -> dict:
+             allow_outside=False, progress=True, log=print, negative=None, multiclass=False) -> dict:
     """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict."""
     cfg = cfg or MedclConfig()
     if mode not in ("probe", "finetune"):
@@ -333,7 +333,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         log("note: --checkpoint none with --mode probe evaluates random features; use --mode finetune for the "
             "from-scratch baseline")
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, allow_outside=allow_outside,
-                      progress=progress, log=log)
+                      progress=progress, log=log, negative=negative, multiclass=multiclass)
     write_splits(ld, out / "splits.csv")
     tr, va, te = budget_rows(ld, label_fraction, labels_per_class, seed, val_labels)
     log(f"{len(ld.scans)} labeled scans (splits {ld.split_source}): train {len(tr)} of {(ld.split == 'train').sum()} "
@@ -355,7 +355,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
                "threshold": thr, "threshold_rule": "Youden J on validation" if binary else "argmax",
                "checkpoint": ck, "splits": ld.split_source, "n_skipped": len(ld.scans.skipped),
                "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         names = ld.table.class_names()

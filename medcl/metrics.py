@@ -6,13 +6,18 @@ from sklearn import metrics as skm
 
 
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """Threshold maximising sensitivity + specificity - 1 on (validation) data; 0.5 when it cannot be chosen."""
+    """Threshold maximising sensitivity + specificity - 1 (Youden's J) on (validation) data.
+
+    0.5 only when it cannot be chosen (one class). When no score threshold beats chance (J < 0 everywhere), the
+    best is J = 0, "call nothing positive": a threshold just above every score, never an arbitrary 0.5 that may be
+    worse than chance."""
     if len(np.unique(y)) < 2:
         return 0.5
     fpr, tpr, thr = skm.roc_curve(y, p)
-    j = np.argmax(tpr - fpr)
-    t = float(thr[j])
-    return 0.5 if not np.isfinite(t) else min(max(t, 0.0), 1.0)
+    t = float(thr[np.argmax(tpr - fpr)])
+    if not np.isfinite(t):  # roc_curve's first point (+inf: nothing positive) is the best
+        return float(np.nextafter(np.max(p), np.inf))
+    return max(t, 0.0)
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict:
@@ -22,10 +27,12 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict
     tn = int(((pred == 0) & (y == 0)).sum())
     fp = int(((pred == 1) & (y == 0)).sum())
     fn = int(((pred == 0) & (y == 1)).sum())
+    nan = float("nan")  # undefined (scikit-learn warns): sensitivity without positives, specificity without negatives
     out = {"n": int(len(y)), "accuracy": float((tp + tn) / max(1, len(y))),
-           "sensitivity": float(tp / max(1, tp + fn)), "specificity": float(tn / max(1, tn + fp)),
+           "sensitivity": float(tp / (tp + fn)) if tp + fn else nan,
+           "specificity": float(tn / (tn + fp)) if tn + fp else nan,
            "f1": float(skm.f1_score(y, pred, zero_division=0))}
-    out["balanced_accuracy"] = (out["sensitivity"] + out["specificity"]) / 2
+    out["balanced_accuracy"] = (out["sensitivity"] + out["specificity"]) / 2  # NaN if either is undefined
     out["auc"] = float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
     out["confusion"] = [[tn, fp], [fn, tp]]
     return out
@@ -52,15 +59,19 @@ def score(y, proba: np.ndarray, threshold: float = 0.5) -> dict:
 
 
 def bootstrap_ci(y, proba, metric: str = "auc", n: int = 1000, seed: int = 0, threshold: float = 0.5, level=0.95):
-    """Percentile bootstrap over test scans for a single run."""
+    """Percentile bootstrap over test scans for a single run, stratified by class: each resample keeps every class
+    at its test count, so a rare class (5 of 300) cannot drop out and leave the metric undefined."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y)
+    by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    if len(by_class) < 2:
+        return float("nan"), float("nan")
     vals = []
     for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[i])) < 2:
-            continue
-        vals.append(score(y[i], proba[i], threshold)[metric])
+        i = np.concatenate([rng.choice(rows, len(rows), replace=True) for rows in by_class])
+        v = score(y[i], proba[i], threshold)[metric]
+        if np.isfinite(v):
+            vals.append(v)
     if not vals:
         return float("nan"), float("nan")
     a = (1 - level) / 2

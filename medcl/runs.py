@@ -1,6 +1,8 @@
 """Run folders: never overwrite without being asked, never write inside the user's data."""
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -40,3 +42,21 @@ def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = Fals
             raise RunDirError(f"--overwrite refused: {out} does not look like a medcl output folder; delete it yourself.")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _json_safe(v):
+    """NaN/Inf -> null (JSON has no NaN), numpy scalars/arrays -> Python, tuples -> lists."""
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):  # numpy scalar or array
+        return _json_safe(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_json(path, obj) -> None:
+    """Always valid JSON: an undefined metric (a single-class test set, say) is written as null, never NaN."""
+    Path(path).write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False))

@@ -57,7 +57,12 @@ def test_positive_resolution():
     assert resolve_positive(["0", "1"], None) == ["1"]
     assert resolve_positive(["healthy", "tumor"], None) == ["tumor"]
     assert resolve_positive(["0", "1", "2", "3", "4"], "1,2,3,4") == ["1", "2", "3", "4"]
-    assert resolve_positive(["a", "b", "c"], None) == []  # multi-class
+    assert resolve_positive(["a", "b", "c"], None, multiclass=True) == []  # multi-class, only when asked
+    assert resolve_positive(["normal", "benign", "malignant"], "malignant", negative="normal,benign") == ["malignant"]
+    with pytest.raises(LabelsError, match="--multiclass"):
+        resolve_positive(["a", "b", "c"], None)
+    with pytest.raises(LabelsError, match="would all count as healthy"):
+        resolve_positive(["normal", "benign", "malignant"], "malignant")
     with pytest.raises(LabelsError, match="classes are"):
         resolve_positive(["0", "1"], "2")
 

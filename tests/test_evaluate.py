@@ -26,12 +26,12 @@ def test_bootstrap_ci_matches_direct_loop():
     p = np.clip(y * 0.4 + rng.random(80) * 0.6, 0, 1)
     proba = np.stack([1 - p, p], 1)
     lo, hi = bootstrap_ci(y, proba, "auc", n=200, seed=3)
-    r = np.random.default_rng(3)
+    r = np.random.default_rng(3)  # stratified: each class resampled within itself, at its own count
+    neg, pos = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
     vals = []
     for _ in range(200):
-        i = r.integers(0, 80, 80)
-        if len(np.unique(y[i])) == 2:
-            vals.append(score(y[i], proba[i])["auc"])
+        i = np.concatenate([r.choice(neg, len(neg)), r.choice(pos, len(pos))])
+        vals.append(score(y[i], proba[i])["auc"])
     assert (lo, hi) == pytest.approx((np.quantile(vals, 0.025), np.quantile(vals, 0.975)))
 
 

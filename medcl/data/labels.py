@@ -97,18 +97,72 @@ class LabelsTable:
         return t
 
 
-def resolve_positive(classes: list, positive: str | None) -> list:
-    """Which class(es) are 'diseased'. `positive` may be one class or a comma list (e.g. '1,2,3,4')."""
-    if positive:
-        wanted = [p.strip() for p in str(positive).split(",") if p.strip()]
-        missing = [p for p in wanted if p not in classes]
+def _rows_text(rows: list, most: int = 5) -> str:
+    shown = ", ".join(str(r) for r in rows[:most])
+    return f"{shown}{' …' if len(rows) > most else ''}"
+
+
+def _class_summary(classes: list, rows_of: dict) -> str:
+    """"'normal' (1341 rows), 'maybe??' (1 row: 57)": rare classes name their rows; bare names when rows are unknown."""
+    if not rows_of:
+        return ", ".join(f"'{c}'" for c in classes)
+    total = sum(len(v) for v in rows_of.values())
+    parts = []
+    for c in classes:
+        rows = rows_of.get(c, [])
+        rare = len(rows) <= 5 or len(rows) < 0.01 * total
+        parts.append(f"'{c}' ({len(rows)} row{'s' if len(rows) != 1 else ''}" +
+                     (f": {_rows_text(rows)})" if rare else ")"))
+    return ", ".join(parts)
+
+
+def resolve_positive(classes: list, positive: str | None, negative: str | None = None, multiclass: bool = False,
+                     rows_of: dict | None = None, where: str = "labels") -> list:
+    """Which class(es) are 'diseased'; [] for an explicit multi-class task.
+
+    A task never changes silently: a third class (a typo such as 'maybe??') is an error naming its rows, unless the
+    user says what it is: `positive` (one class or a comma list, e.g. '1,2,3,4'), `negative` (the healthy class(es)
+    when more than one would be left) or `multiclass`. `rows_of`: class -> row numbers, for the messages."""
+    rows_of = rows_of or {}
+
+    def split_list(v):
+        return [p.strip() for p in str(v).split(",") if p.strip()]
+
+    def check_known(names, flag):
+        missing = [p for p in names if p not in classes]
         if missing:
-            raise LabelsError(f"--positive {positive}: class(es) {missing} not in the labels; classes are: {', '.join(classes)}.")
-        if len(wanted) == len(classes):
+            raise LabelsError(f"{flag}: class(es) {missing} not in the labels; classes are: {', '.join(classes)}.")
+
+    if multiclass:
+        if positive or negative:
+            raise LabelsError("--multiclass trains one output per class: drop --positive/--negative, or drop "
+                              "--multiclass for a healthy-vs-diseased task.")
+        return []
+    if positive:
+        wanted = split_list(positive)
+        check_known(wanted, f"--positive {positive}")
+        rest = [c for c in classes if c not in wanted]
+        if not rest:
             raise LabelsError("--positive names every class; leave at least one as the healthy class.")
+        if negative:
+            healthy = split_list(negative)
+            check_known(healthy, f"--negative {negative}")
+            if set(healthy) & set(wanted):
+                raise LabelsError(f"class(es) {sorted(set(healthy) & set(wanted))} are in both --positive and --negative.")
+            odd = [c for c in rest if c not in healthy]
+            if odd:
+                raise LabelsError(f"{where}: label(s) outside --positive/--negative: "
+                                  f"{_class_summary(odd, rows_of)}. Fix those rows or add the classes to one side.")
+        elif len(rest) > 1:
+            raise LabelsError(f"{where}: with --positive {positive}, classes {_class_summary(rest, rows_of)} would all "
+                              f"count as healthy. Fix mistyped rows, or say so with --negative {','.join(rest)}.")
         return wanted
+    if negative:
+        raise LabelsError("--negative needs --positive (the diseased class(es)).")
     if len(classes) != 2:
-        return []  # multi-class task
+        raise LabelsError(f"{where}: {len(classes)} classes where a healthy-vs-diseased task needs 2: "
+                          f"{_class_summary(classes, rows_of)}. Fix mistyped rows, or pass --positive CLASS[,CLASS] "
+                          "(e.g. --positive 1,2,3,4 for graded labels), or --multiclass for one output per class.")
     if "1" in classes and "0" in classes:
         return ["1"]
     hits = [c for c in classes if c.lower() in DISEASE_WORDS]
@@ -117,7 +171,8 @@ def resolve_positive(classes: list, positive: str | None) -> list:
     raise LabelsError(f"cannot tell which class is the diseased one among {classes}: pass --positive CLASS.")
 
 
-def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = False) -> LabelsTable:
+def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = False, negative=None,
+                    multiclass: bool = False) -> LabelsTable:
     path = Path(path)
     if not path.is_file():
         raise LabelsError(f"labels file not found: {path}")
@@ -132,7 +187,7 @@ def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = F
     if missing:
         raise LabelsError(f"{path}: missing column(s) {missing}; found {cols}. Expected a header 'path,label[,patient][,split]'.")
     keys, labels, patients, splits = [], [], [], []
-    seen = {}
+    seen, rows_of = {}, {}
     has_patient = "patient" in cols and any((r.get("patient") or "").strip() for r in rows)
     root = Path(data_root) if data_root is not None and Path(data_root).is_dir() else None
     for n, r in enumerate(rows, start=2):
@@ -150,6 +205,7 @@ def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = F
             raise LabelsError(f"{path} row {n}: split '{sp}' must be train, val or test.")
         keys.append(key)
         labels.append(r["label"])
+        rows_of.setdefault(r["label"], []).append(n)
         patients.append(r.get("patient") or key)
         splits.append(sp)
     if not keys:
@@ -157,20 +213,24 @@ def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = F
     classes = sorted(set(labels), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
     if len(classes) < 2:
         raise LabelsError(f"{path}: only one class ({classes[0]}): a classifier needs at least two.")
-    table = LabelsTable(keys, labels, patients, splits, has_patient, classes, resolve_positive(classes, positive))
+    task = resolve_positive(classes, positive, negative, multiclass, rows_of, where=f"{path} (rows are CSV lines)")
+    table = LabelsTable(keys, labels, patients, splits, has_patient, classes, task)
     check_patient_splits(table, str(path))
     return table
 
 
-def labels_from_records(records, positive=None) -> LabelsTable:
+def labels_from_records(records, positive=None, negative=None, multiclass: bool = False) -> LabelsTable:
     """MedMNIST .npz: labels and official splits come with the file."""
     rows = [r for r in records if r.label is not None]
     if not rows:
         raise LabelsError("this data has no labels: pass --labels LABELS.csv.")
     labels = [str(r.label if not isinstance(r.label, tuple) else r.label[0]) for r in rows]
     classes = sorted(set(labels), key=lambda c: int(c) if c.lstrip("-").isdigit() else c)
+    rows_of: dict = {}
+    for r, lab in zip(rows, labels):
+        rows_of.setdefault(lab, []).append(r.key)
     return LabelsTable([r.key for r in rows], labels, [r.key for r in rows], [r.split for r in rows], False, classes,
-                       resolve_positive(classes, positive))
+                       resolve_positive(classes, positive, negative, multiclass, rows_of, where="the .npz labels"))
 
 
 def check_patient_splits(t: LabelsTable, where: str) -> None:
