@@ -8,6 +8,10 @@ import warnings
 
 from .errors import MedclError
 
+# measured on 2 idle CPU cores (README, "Time"); one wording everywhere
+DEMO_TIME = "about 30 s"
+DEMO3D_TIME = "2-3 minutes"
+
 EPILOG_PRETRAIN = """examples:
   medcl pretrain scans/ --out runs/simclr                       # 2D folder, default SimCLR recipe
   medcl pretrain volumes/ --out runs/ct3d --dims 3 --epochs 50  # NIfTI/DICOM volumes
@@ -36,34 +40,82 @@ EPILOG_EVALUATE = """examples:
 """
 
 
-def _common_config_args(p):
-    p.add_argument("--config", help="YAML recipe (see configs/pretrain/); values there override the defaults")
+PROGRESS_HELP = ("progress: a bar on a terminal; otherwise (nohup, pipes, batch schedulers) one line per epoch or run "
+                 "with elapsed time and ETA. MEDCL_PROGRESS=bar|lines|off overrides; --quiet turns it off.")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and the default of every option that has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if d in (None, False, argparse.SUPPRESS) or d == [] or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: {' '.join(map(str, d)) if isinstance(d, list) else d})"
+
+
+def _common_config_args(p, for_finetune=False):
+    if for_finetune:
+        p.add_argument("--config", help="with --checkpoint none: a recipe (file or shipped name, see `medcl config "
+                                        "list`) whose data/encoder sections define the network trained from scratch; "
+                                        "with a checkpoint, the encoder's own settings are used")
+    else:
+        p.add_argument("--config", help="YAML recipe: a file, or the name of a recipe that ships with medcl "
+                                        "(`medcl config list`); values there override the defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set method.name=byol (repeatable)")
+                   help="override one config value, e.g. --set method.name=byol (repeatable; "
+                        "`medcl config show` lists every key with its meaning)")
+
+
+def _selection_args(p):
+    p.add_argument("--include", action="append", metavar="GLOB", help="use only scans whose path (relative to "
+                   "DATA) matches; `*` crosses folders, e.g. --include '*flair*' (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out scans whose path matches, e.g. "
+                   "--exclude '*mask*' --exclude '*seg*' (repeatable)")
+    p.add_argument("--files", metavar="LIST.txt", help="use only the scans listed in this text file, one path "
+                   "relative to DATA per line")
+
+
+def _task_args(p, what="the task"):
+    p.add_argument("--positive", help=f"diseased class(es) for {what} (default: 1, or one name such as diseased/"
+                                      "abnormal/tumor/pneumonia); a comma list makes a binary task, e.g. 1,2,3,4")
+    p.add_argument("--negative", help="healthy class(es), needed when --positive leaves more than one other class")
+    p.add_argument("--multiclass", action="store_true", help="labels with 3+ classes: one output per class "
+                   "(without it, a third class is an error that names its rows: usually a typo)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medcl", description="Contrastive pretraining for 2D/3D medical scans, "
                                  "few-label fine-tuning, and TensorBoard inspection.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="start here: medcl demo --out runs/demo   (no data needed, a few minutes on CPU)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+                                 epilog="start here: medcl demo --out runs/demo   (no data needed; "
+                                        f"{DEMO_TIME} on 2 CPU cores)\n\n{PROGRESS_HELP}")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    # --quiet after the command works too; SUPPRESS keeps a --quiet given before it
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars or progress lines")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = HelpFormatter
 
     d = sub.add_parser("demo", help="run the whole journey on synthetic phantoms (offline)", formatter_class=fmt,
-                       description="Generate synthetic phantoms (healthy vs lesion), pretrain, fine-tune with few "
-                                   "labels, embed; print the test AUC and where to point TensorBoard.",
-                       epilog="example: medcl demo --out runs/demo && tensorboard --logdir runs/demo")
+                       parents=[quiet],
+                       description="Generate synthetic phantoms (healthy vs lesion), pretrain, fit a linear probe with "
+                                   "few labels, run the same probe on a random-init encoder (the control), embed; "
+                                   "print both test AUCs and where to point TensorBoard.",
+                       epilog=f"example: medcl demo --out runs/demo && tensorboard --logdir runs/demo\n"
+                              f"time: {DEMO_TIME} (2D), {DEMO3D_TIME} (--dims 3), measured on 2 CPU cores")
     d.add_argument("--out", required=True, help="folder for everything the demo writes")
-    d.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D images (default) or 3D volumes")
+    d.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D images or 3D volumes")
     d.add_argument("--n", type=int, help="number of phantoms (default 400 in 2D, 160 in 3D)")
     d.add_argument("--epochs", type=int, help="pretraining epochs (default 8 in 2D, 6 in 3D)")
     d.add_argument("--label-fraction", type=float, default=0.1, help="share of training labels for the probe")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="phantoms, labeled subset and training")
     d.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
 
     p = sub.add_parser("pretrain", help="contrastive pretraining on an unlabeled scan folder", formatter_class=fmt,
+                       parents=[quiet],
                        description="Pretrain an encoder without labels. DATA: a folder searched recursively for "
                                    "NIfTI, DICOM, PNG/JPEG/TIFF and .npy scans, or a MedMNIST .npz file.",
                        epilog=EPILOG_PRETRAIN)
@@ -71,76 +123,106 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (config, checkpoints, encoder.pt, TensorBoard events)")
     _common_config_args(p)
     p.add_argument("--dims", type=int, choices=(2, 3), help="2D or 3D encoder (data.dims)")
-    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--epochs", type=int, help="train.epochs (with --resume: train a finished run longer)")
     p.add_argument("--batch-size", type=int, help="train.batch_size (global, across GPUs)")
     p.add_argument("--seed", type=int, help="train.seed")
+    _selection_args(p)
     p.add_argument("--labels", help="labels CSV: used by method.name=supcon and positives=patient (test rows never)")
     p.add_argument("--probe-labels", help="labels CSV for the online kNN monitor (never trained on)")
     p.add_argument("--pairs", help="pairs CSV (path_a,path_b,similar) for --set method.name=pair: the listed pairs "
                                    "replace augmentation pairs")
-    p.add_argument("--positive", help="diseased class name(s) for --labels/--probe-labels")
+    _task_args(p, "--labels/--probe-labels")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable scan instead of skipping it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
+                   "flags equal to the saved config are fine, a different value is refused")
+    p.add_argument("--allow-different-data", action="store_true",
+                   help="with --resume: continue on DATA even though it is not the scans the run was trained on")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
     f = sub.add_parser("finetune", help="train a classifier with few labels and test it", formatter_class=fmt,
+                       parents=[quiet],
                        description="Linear probe (frozen encoder) or full fine-tune on a labeled subset of the train "
                                    "split; evaluated on the held-out test split.", epilog=EPILOG_FINETUNE)
-    f.add_argument("--checkpoint", required=True, help="pretrain run folder or its encoder.pt; 'none' = from scratch")
+    f.add_argument("--checkpoint", required=True, help="pretrain run folder or its encoder.pt; 'none' = a random-init "
+                                                       "network (the control with --mode probe, scratch with finetune)")
     f.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     f.add_argument("--labels", help="LABELS.csv (not needed for a MedMNIST .npz)")
     f.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, TensorBoard events)")
     g = f.add_mutually_exclusive_group()
-    g.add_argument("--label-fraction", type=float, help="share of the train split's labels to use, e.g. 0.01")
+    g.add_argument("--label-fraction", type=float, help="share of the train split's labels to use, e.g. 0.01 "
+                                                        "(default: all)")
     g.add_argument("--labels-per-class", type=int, help="labels per class to use, e.g. 10")
     f.add_argument("--mode", choices=("probe", "finetune"), default="probe",
-                   help="probe: logistic regression on frozen features (default); finetune: train the whole network")
+                   help="probe: logistic regression on frozen features; finetune: train the whole network")
     f.add_argument("--seed", type=int, default=0, help="picks the labeled subset and seeds training")
-    f.add_argument("--positive", help="diseased class (default: 1, or a name like diseased/abnormal/tumor); "
-                                      "a comma list makes a binary task, e.g. --positive 1,2,3,4")
+    _task_args(f)
     f.add_argument("--epochs", type=int, default=30, help="max epochs for --mode finetune (early stopping on val)")
     f.add_argument("--val-labels", choices=("budget", "all"), default="budget",
-                   help="validation labels for model selection: the same budget as training (default) or all")
+                   help="validation labels for model selection: the same budget as training, or all")
     f.add_argument("--allow-outside", action="store_true", help="let CSV paths point outside DATA")
-    _common_config_args(f)
+    _selection_args(f)
+    _common_config_args(f, for_finetune=True)
     f.add_argument("--dims", type=int, choices=(2, 3), help="with --checkpoint none: 2D or 3D network")
-    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    e = sub.add_parser("embed", help="embeddings for the TensorBoard projector", formatter_class=fmt,
+    e = sub.add_parser("embed", help="embeddings for the TensorBoard projector", formatter_class=fmt, parents=[quiet],
                        description="Encode every scan; write embeddings.npz, a projector with thumbnails and "
                                    "metadata, and a static map.png.", epilog=EPILOG_EMBED)
     e.add_argument("--checkpoint", help="pretrain run folder or encoder.pt")
-    e.add_argument("--classifier", help="a finetune output folder: its encoder is used and its probability shown")
-    e.add_argument("--data", required=True)
+    e.add_argument("--classifier", help="a finetune output folder: its encoder is used, its probability shown, and "
+                                        "the scans it trained/validated on marked (classifier_role)")
+    e.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     e.add_argument("--labels", help="LABELS.csv for metadata (label, patient, split)")
-    e.add_argument("--positive")
-    e.add_argument("--out", required=True)
+    e.add_argument("--positive", help="diseased class, only to check the labels' task (labels are metadata here)")
+    e.add_argument("--out", required=True, help="output folder (embeddings.npz, map.png, projector events)")
     e.add_argument("--max-points", type=int, default=10000, help="projector subsample size (all go to embeddings.npz)")
-    e.add_argument("--overwrite", action="store_true")
+    _selection_args(e)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     v = sub.add_parser("evaluate", help="few-label protocol: budgets x seeds x heads, with a from-scratch baseline",
-                       formatter_class=fmt, description="Run the few-label evaluation protocol and write results.csv, "
+                       formatter_class=fmt, parents=[quiet],
+                       description="Run the few-label evaluation protocol and write results.csv, "
                        "summary.md, learning_curve.png and TensorBoard hparams.", epilog=EPILOG_EVALUATE)
     v.add_argument("--checkpoint", required=True, help="pretrain run folder or encoder.pt")
-    v.add_argument("--data", required=True)
-    v.add_argument("--labels")
-    v.add_argument("--out", required=True)
-    v.add_argument("--fractions", type=float, nargs="*", default=None, help="label fractions (default 0.01 0.05 0.1 0.25 1.0)")
+    v.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
+    v.add_argument("--labels", help="LABELS.csv (not needed for a MedMNIST .npz)")
+    v.add_argument("--out", required=True, help="output folder (results.csv, summary.md, learning_curve.png, tb/)")
+    v.add_argument("--fractions", type=float, nargs="*", default=None,
+                   help="label fractions (default: 0.01 0.05 0.1 0.25 1.0 unless --per-class is given)")
     v.add_argument("--per-class", type=int, nargs="*", default=None, help="labels-per-class budgets, e.g. 5 10 25 50")
     v.add_argument("--seeds", type=int, default=5, help="random labeled subsets per budget")
-    v.add_argument("--heads", nargs="*", default=["knn", "linear", "mlp"], help="knn linear mlp finetune")
+    v.add_argument("--heads", nargs="*", default=["knn", "linear", "mlp"], help="heads on the pretrained encoder: "
+                                                                                "knn linear mlp finetune")
     v.add_argument("--baseline", choices=("finetune", "none"), default="finetune",
-                   help="train the same network from scratch on the same subsets (default) or skip it")
+                   help="train the same network from scratch on the same subsets, or skip it")
     v.add_argument("--baseline-max-fraction", type=float, default=1.0,
                    help="run the from-scratch baseline only up to this label fraction (it is the slow part on CPU)")
     v.add_argument("--epochs", type=int, default=30, help="max epochs for finetune heads and the baseline")
-    v.add_argument("--val-labels", choices=("budget", "all"), default="budget")
-    v.add_argument("--positive")
-    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--val-labels", choices=("budget", "all"), default="budget",
+                   help="validation labels for model selection: the same budget as training, or all")
+    _task_args(v)
+    _selection_args(v)
+    v.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    c = sub.add_parser("config", help="show the resolved config with every key's meaning, or list the recipes",
+                       formatter_class=fmt, parents=[quiet],
+                       description="`medcl config show` prints the config a run would use (defaults <- --config <- "
+                                   "--set) with each key's meaning; `medcl config list` names the shipped recipes.",
+                       epilog="examples:\n  medcl config show\n  medcl config show --config simclr_3d --set "
+                              "train.epochs=50\n  medcl config list")
+    c.add_argument("action", choices=("show", "list"))
+    _common_config_args(c)
+    c.add_argument("--dims", type=int, choices=(2, 3), help="data.dims")
     return ap
 
 
-def _pretrain_config(a):
+def _selection(a):
+    from .data.discover import Selection
+
+    return Selection.make(a.include, a.exclude, a.files)
+
+
+def _pretrain_config(a, base: dict | None = None):
     from .config import load_config, parse_set
 
     over = parse_set(a.set)
@@ -151,7 +233,44 @@ def _pretrain_config(a):
             over.setdefault(sec, {})[k] = val
     if getattr(a, "strict", False):
         over.setdefault("data", {})["strict"] = True
-    return load_config(a.config, over)
+    for key in ("include", "exclude", "files"):
+        val = getattr(a, key, None)
+        if val:
+            over.setdefault("data", {})[key] = ",".join(val) if isinstance(val, list) else str(val)
+    return load_config(a.config, over, base=base)
+
+
+def _check_path(path, what: str):
+    from pathlib import Path
+
+    if path is not None and not Path(path).exists():
+        raise MedclError(f"{what} not found: {path}")
+
+
+def _preflight(a):
+    """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
+    for attr, what in (("data", "data"), ("labels", "labels file"), ("probe_labels", "labels file"),
+                       ("pairs", "pairs file"), ("files", "--files list"), ("classifier", "classifier folder")):
+        _check_path(getattr(a, attr, None), what)
+    ck = getattr(a, "checkpoint", None)
+    if ck is not None and str(ck).lower() != "none":
+        _check_path(ck, "checkpoint")
+    if a.command in ("finetune", "evaluate", "pretrain", "embed"):
+        from .data.labels import read_labels_csv
+
+        multiclass = getattr(a, "multiclass", False) or a.command == "embed" and not a.positive
+        for attr in ("labels", "probe_labels"):
+            if getattr(a, attr, None) and not str(a.data).endswith(".npz"):
+                read_labels_csv(getattr(a, attr), a.data, a.positive, getattr(a, "allow_outside", False),
+                                getattr(a, "negative", None), multiclass)
+    if getattr(a, "pairs", None):
+        from .data.labels import read_pairs_csv
+
+        read_pairs_csv(a.pairs, a.data)
+    if getattr(a, "files", None):
+        from .data.discover import Selection
+
+        Selection.make(files=a.files).listed()
 
 
 def main(argv=None) -> int:
@@ -161,55 +280,70 @@ def main(argv=None) -> int:
     if not a.command:
         ap.print_help()
         return 1
-    progress = not a.quiet and sys.stderr.isatty() or os.environ.get("MEDCL_PROGRESS") == "1"
+    progress = "off" if a.quiet else True  # True: a bar on a terminal, lines elsewhere, or MEDCL_PROGRESS
     try:
-        if a.command == "demo":
+        _preflight(a)
+        if a.command == "config":
+            from .config import describe, recipe_names
+
+            if a.action == "list":
+                from .config import RECIPES
+
+                print(f"recipes shipped with medcl ({RECIPES}); use as --config NAME:")
+                print("\n".join(f"  {n}" for n in recipe_names()))
+            else:
+                print(describe(_pretrain_config(a)), end="")
+        elif a.command == "demo":
             from .demo import demo
 
             demo(a.out, a.dims, a.n, a.epochs, a.label_fraction, a.seed, a.overwrite, progress)
         elif a.command == "pretrain":
-            from .data.labels import read_labels_csv
-            from .train import pretrain
+            from pathlib import Path
 
-            cfg = _pretrain_config(a)
-            labels = read_labels_csv(a.labels, a.data, a.positive) if a.labels else None
-            probe = read_labels_csv(a.probe_labels, a.data, a.positive) if a.probe_labels else None
+            from .config import saved_run
+            from .data.labels import labels_from_records, read_labels_csv, read_pairs_csv
+
+            saved = Path(a.out) / "config.yaml"
+            # resuming: what the user typed is applied to the saved config, so repeating the original flags is fine
+            base = saved_run(saved)[0] if a.resume and saved.is_file() else None
+            cfg = _pretrain_config(a, base)
+            task = dict(negative=a.negative, multiclass=a.multiclass)
+            labels = read_labels_csv(a.labels, a.data, a.positive, **task) if a.labels else None
+            probe = read_labels_csv(a.probe_labels, a.data, a.positive, **task) if a.probe_labels else None
             if probe is None and str(a.data).endswith(".npz"):
                 from .data.discover import open_npz
-                from .data.labels import labels_from_records
-                from pathlib import Path
 
-                try:
-                    probe = labels_from_records(open_npz(Path(a.data)).records, a.positive)
+                try:  # the monitor only needs classes: a graded .npz (RetinaMNIST) is fine without --positive
+                    probe = labels_from_records(open_npz(Path(a.data)).records, a.positive, a.negative,
+                                                a.multiclass or not a.positive)
                 except MedclError:
                     probe = None
-            if a.resume and (a.config or a.set or a.dims or a.batch_size or a.seed is not None):
-                raise MedclError("--resume continues the run with its saved config.yaml; only --epochs may change it.")
-            from .data.labels import read_pairs_csv
-
             pairs = read_pairs_csv(a.pairs, a.data) if a.pairs else None
+            from .train import pretrain
+
             pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
-                     epochs=a.epochs, pairs=pairs, progress=progress)
+                     pairs=pairs, progress=progress, allow_different_data=a.allow_different_data)
         elif a.command == "finetune":
+            cfg = _pretrain_config(a)
             from .finetune import finetune
 
-            cfg = _pretrain_config(a)
             finetune(a.checkpoint, a.data, a.labels, a.out, a.label_fraction, a.labels_per_class, a.mode, a.seed,
-                     a.positive, cfg, a.overwrite, a.epochs, a.val_labels, a.allow_outside, progress)
+                     a.positive, cfg, a.overwrite, a.epochs, a.val_labels, a.allow_outside, progress,
+                     negative=a.negative, multiclass=a.multiclass, select=_selection(a))
         elif a.command == "embed":
-            from .embed import embed
-
             if not a.checkpoint and not a.classifier:
                 raise MedclError("embed needs --checkpoint RUN_DIR (or --classifier FT_DIR).")
+            from .embed import embed
+
             embed(a.checkpoint, a.data, a.out, a.labels, a.classifier, a.max_points, a.positive, a.overwrite,
-                  progress=progress)
+                  progress=progress, select=_selection(a))
         elif a.command == "evaluate":
             from .evaluate import evaluate
 
             evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class,
                      seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, val_labels=a.val_labels,
                      positive=a.positive, overwrite=a.overwrite, baseline_max_fraction=a.baseline_max_fraction,
-                     progress=progress)
+                     progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a))
     except MedclError as e:
         print(f"medcl {a.command}: error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,10 @@ class DataConfig:
     strict: bool = False  # stop at the first unreadable scan instead of skipping it
     cache_max_gb: float = 4.0  # decoded scans above this size go to a memory-mapped file in the run folder
     num_workers: int = 2  # threads decoding scans
+    skip_label_maps: bool = True  # skip integer images with few values (masks, tumour labels) with a reason
+    include: str = ""  # comma list of glob patterns on the path relative to DATA; only matching scans are used
+    exclude: str = ""  # comma list of glob patterns; matching scans are left out (e.g. *mask*,*seg*)
+    files: str = ""  # a text file listing the scans to use, one path relative to DATA per line
 
 
 @dataclass
@@ -35,14 +39,14 @@ class ViewsConfig:
     flip_prob: float = 0.5  # per spatial axis
     rotate_deg: float = 15.0  # max rotation per axis
     gamma: tuple = (0.7, 1.5)  # contrast/gamma range
-    gamma_prob: float = 0.8
+    gamma_prob: float = 0.8  # probability of the gamma change per view
     intensity_scale: float = 0.1  # multiply by U(1-s, 1+s)
     intensity_shift: float = 0.1  # add U(-s, s)
-    intensity_prob: float = 0.8
+    intensity_prob: float = 0.8  # probability of the scale/shift per view
     noise_std: float = 0.05  # gaussian noise std (image range is [0,1])
-    noise_prob: float = 0.5
+    noise_prob: float = 0.5  # probability of noise per view
     blur_sigma: tuple = (0.5, 1.0)  # gaussian blur sigma in pixels
-    blur_prob: float = 0.3
+    blur_prob: float = 0.3  # probability of blur per view
 
 
 @dataclass
@@ -54,18 +58,18 @@ class EncoderConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"
+    name: str = "simclr"  # simclr | supcon | pair | triplet | moco_v2 | moco_v3 | byol | simsiam | barlow | vicreg
     positives: str = "views"  # views | patient | neighbors
     neighbor_distance: int = 2  # neighbors: max slice (or sub-volume shift, in voxels of the cache) distance
-    temperature: float = 0.2
-    proj_hidden: int = 512
-    proj_dim: int = 128
+    temperature: float = 0.2  # softmax temperature of NT-Xent/InfoNCE/SupCon/MoCo
+    proj_hidden: int = 512  # projection head hidden width
+    proj_dim: int = 128  # projection (embedding the loss sees) dimension
     pred_hidden: int = 512  # BYOL/SimSiam/MoCo v3 predictor
     margin: float = 1.0  # pair/triplet margin (on L2-normalised embeddings)
     mining: str = "batch_hard"  # triplet: batch_hard | semi_hard
     momentum: float = 0.99  # MoCo/BYOL EMA start (cosine-increased to 1.0)
     queue_size: int = 4096  # MoCo v2 negative queue
-    barlow_lambda: float = 0.005
+    barlow_lambda: float = 0.005  # Barlow Twins off-diagonal weight
     vicreg_weights: tuple = (25.0, 25.0, 1.0)  # invariance, variance, covariance
     stop_gradient: bool = True  # SimSiam/BYOL; False makes them collapse (useful to test the monitors)
 
@@ -73,17 +77,17 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | lars
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
+    lr: float = 1e-3  # peak learning rate (after warm-up)
+    weight_decay: float = 1e-4  # not applied to biases and norm layers
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
     min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128
-    seed: int = 0
+    epochs: int = 20  # passes over the scans (--epochs)
+    batch_size: int = 128  # global batch (--batch-size); lowered, with a note, if a step would not fit in memory
+    seed: int = 0  # seeds views, order and weights: a run is repeatable (--seed)
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
     # speed switches (see medcl.train.speed_settings for what each resolves to on a device)
@@ -96,6 +100,7 @@ class TrainConfig:
     log_every: int = 10  # steps between scalar logs
     monitor_every: int = 50  # steps between collapse monitors
     max_steps: int = 0  # stop after this many steps (0: run all epochs); for smoke tests
+    memory_gb: float = 0.0  # memory one step may use (0: 80% of what is free at the start); the batch is lowered to fit
 
 
 @dataclass
@@ -194,19 +199,43 @@ def parse_set(items: typing.Iterable[str]) -> dict:
     return out
 
 
+RECIPES = Path(__file__).parent / "recipes"  # shipped in the wheel; configs/pretrain links here
+TRAINED_ON = "trained_on"  # written by medcl into a run's config.yaml: what the run was trained on, not a setting
+
+
+def recipe_names() -> list:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A YAML file, or the name of a recipe that ships with medcl (`simclr_2d`, `simclr_2d.yaml`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = RECIPES / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if len(p.parts) == 1 and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {p}. Give a YAML file, or a recipe that ships with medcl: "
+                      f"{', '.join(recipe_names())}.")
+
+
+def _read_yaml(p: Path) -> dict:
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e}).") from None
+    if isinstance(data, dict):
+        data.pop(TRAINED_ON, None)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None, base: dict | None = None) -> MedclConfig:
     cfg = MedclConfig()
     if base:
         apply_overrides(cfg, base, "saved run config")
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}. Recipes ship in configs/pretrain/.")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e}).") from None
-        apply_overrides(cfg, data, str(p))
+        p = resolve_recipe(path)
+        apply_overrides(cfg, _read_yaml(p), str(p))
     if overrides:
         apply_overrides(cfg, overrides, "--set")
     validate(cfg)
@@ -230,9 +259,13 @@ _CHOICES = {
 }
 
 
-def validate(cfg: MedclConfig) -> None:
-    from .methods import METHODS  # late import: methods depend on config types only
+# the names medcl.methods.METHODS defines (a test keeps the two equal); listed here so that checking a config needs
+# no torch import, and a mistyped key fails in a second, not after half a minute of imports
+METHOD_NAMES = ("simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "simsiam", "barlow", "vicreg")
 
+
+def validate(cfg: MedclConfig) -> None:
+    METHODS = METHOD_NAMES
     for (sec, key), allowed in _CHOICES.items():
         v = getattr(getattr(cfg, sec), key)
         if v not in allowed:
@@ -252,5 +285,50 @@ def validate(cfg: MedclConfig) -> None:
         raise ConfigError("train.epochs must be at least 1.")
 
 
-def save_config(cfg: MedclConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: MedclConfig, path: Path, trained_on: dict | None = None) -> None:
+    d = cfg.to_dict()
+    if trained_on:
+        d[TRAINED_ON] = trained_on
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+def saved_run(path: Path) -> tuple[dict, dict]:
+    """(config sections, trained_on) of a run's config.yaml."""
+    p = Path(path)
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e}).") from None
+    return {k: v for k, v in d.items() if k != TRAINED_ON}, d.get(TRAINED_ON) or {}
+
+
+# keys a resumed run may change: how it runs and logs, not what it learns
+RESUME_MAY_CHANGE = {"train.epochs", "train.device", "train.num_workers", "train.log_every", "train.monitor_every",
+                     "train.checkpoint_every", "train.max_steps", "data.num_workers", "data.cache_max_gb"}
+
+
+def resume_differences(saved: MedclConfig, asked: MedclConfig) -> list:
+    """[(key, saved value, asked value)] for the settings a resume may not change."""
+    a, b = saved.to_dict(), asked.to_dict()
+    return [(f"{sec}.{k}", a[sec][k], b[sec][k]) for sec in a for k in a[sec]
+            if a[sec][k] != b[sec][k] and f"{sec}.{k}" not in RESUME_MAY_CHANGE]
+
+
+def describe(cfg: MedclConfig) -> str:
+    """The resolved config as YAML with each key's meaning (the comment beside its default in this file), so that
+    every `--set section.key=value` is discoverable without reading the source."""
+    import inspect
+    import re
+
+    meaning = {}
+    for f in dataclasses.fields(cfg):
+        src = inspect.getsource(type(getattr(cfg, f.name)))
+        for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
+            meaning[(f.name, m.group(1))] = m.group(2).strip()
+    lines = []
+    for sec, values in cfg.to_dict().items():
+        lines.append(f"{sec}:")
+        for k, v in values.items():
+            text = yaml.safe_dump({k: v}, default_flow_style=True, width=1000).strip().strip("{}")
+            lines.append(f"  {text:<38} # {meaning.get((sec, k), '')}".rstrip())
+    return "\n".join(lines) + "\n"

@@ -55,22 +55,30 @@ def save_map_png(xy, labels, method, path: Path):
 
 
 def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int = 10000, positive=None,
-          overwrite=False, device="auto", progress=True, log=print) -> Path:
+          overwrite=False, device="auto", progress=True, log=print, select=None) -> Path:
+    """Encode every scan of `data`. With `classifier` (a finetune folder), the projector also shows its predicted
+    probability, and which scans it trained on, validated on or was tested on (from its splits.csv)."""
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="embeddings.npz")
     t0 = time.perf_counter()
     dev = pick_device(device)
+    roles = {}
     if classifier is not None:
-        from .finetune import load_classifier
+        from .finetune import load_classifier, read_splits
 
         p = Path(classifier)
         model, meta = load_classifier(p / "classifier.pt" if p.is_dir() else p)
         encoder, settings = model.encoder, meta["extra"].get("data", {})
+        ft_dir = p if p.is_dir() else p.parent
+        if (ft_dir / "splits.csv").is_file():
+            roles = read_splits(ft_dir / "splits.csv")
+        else:
+            log(f"note: {ft_dir} has no splits.csv: the projector cannot mark which scans the classifier trained on")
     else:
         model = None
         encoder, extra = load_encoder(checkpoint)
         settings = extra.get("data", {})
     dims = int(settings.get("dims", 2))
-    source = open_source(data, dims, "all")
+    source = open_source(data, dims, "all", select)
     scans = build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
                         settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
     write_skipped(scans.skipped, out / "skipped.csv")
@@ -87,6 +95,9 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     patient_col = [(table.patient_of(k) or "") if table is not None else "" for k in keys]
     split_col = [(table.splits[table.row_of(k)] or "") if table is not None and table.row_of(k) is not None
                  else (r.split or "") for k, r in zip(keys, scans.records)]
+    if roles:  # the classifier's own split rules: its probability on a scan it trained on is not a test result
+        split_col = [roles[k][0] if k in roles else s for k, s in zip(keys, split_col)]
+    role_col = [roles[k][1] if k in roles else "" for k in keys]
     prob_col = None
     if model is not None:
         model = model.to(dev).eval()
@@ -94,7 +105,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
             logits = model.head(torch.as_tensor(feats, device=dev))
             prob_col = torch.softmax(logits, 1)[:, -1].cpu().numpy()
     np.savez_compressed(out / "embeddings.npz", features=feats, paths=np.array(keys), labels=np.array(label_col),
-                        patients=np.array(patient_col), splits=np.array(split_col),
+                        patients=np.array(patient_col), splits=np.array(split_col), roles=np.array(role_col),
                         **({"probability": prob_col} if prob_col is not None else {}))
     # projector: subsample very large sets (the browser projector slows down past ~10k points)
     n = len(keys)
@@ -102,9 +113,9 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     if n > max_points:
         show = np.sort(np.random.default_rng(0).choice(n, max_points, replace=False))
         log(f"projector shows a random {max_points} of {n} scans (--max-points); embeddings.npz holds all")
-    header = ["path", "label", "patient", "split"] + (["probability"] if prob_col is not None else [])
+    header = ["path", "label", "patient", "split"] + (["probability", "classifier_role"] if prob_col is not None else [])
     meta = [[keys[i], label_col[i] or "-", patient_col[i] or "-", split_col[i] or "-"] +
-            ([f"{prob_col[i]:.3f}"] if prob_col is not None else []) for i in show]
+            ([f"{prob_col[i]:.3f}", role_col[i] or "-"] if prob_col is not None else []) for i in show]
     thumbs = np.concatenate([tb.thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
     if thumbs.shape[1] == 1:
         thumbs = np.repeat(thumbs, 3, axis=1)

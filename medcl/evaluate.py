@@ -15,6 +15,7 @@ from . import tensorboard as tb
 from .encoders import Encoder, load_encoder
 from .finetune import budget_rows, load_labeled, run_head, write_splits
 from .metrics import bootstrap_ci, mean_ci, score, youden_threshold
+from .progress import eta_text, progress_mode
 from .runs import prepare_out_dir, write_json
 from .train import encode, pick_device, seed_everything
 
@@ -36,14 +37,14 @@ def _budgets(fractions, per_class):
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
              heads=("knn", "linear", "mlp"), baseline: str = "finetune", epochs: int = 30, val_labels: str = "budget",
              positive=None, overwrite=False, device="auto", baseline_max_fraction: float = 1.0, progress=True,
-             log=print, negative=None, multiclass=False) -> list:
+             log=print, negative=None, multiclass=False, select=None) -> list:
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
     t0 = time.perf_counter()
     dev = pick_device(device)
     encoder, extra = load_encoder(checkpoint)
     settings = extra.get("data", {})
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
-                      negative=negative, multiclass=multiclass)
+                      negative=negative, multiclass=multiclass, select=select)
     write_splits(ld, out / "splits.csv")
     encoder = encoder.to(dev)
     log(f"encoding {len(ld.scans)} labeled scans with the pretrained encoder")
@@ -52,6 +53,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     rows = []
     plan = [(b, s) for b in budgets for s in range(seeds)]
     writer = tb.open_writer(out / "tb")
+    inner = progress if progress_mode(progress) == "bar" else False  # lines mode: one line per run, not per epoch
+    t_runs = time.perf_counter()
     for i, ((kind, value), seed) in enumerate(plan, 1):
         tr, va, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
                                  seed, val_labels)
@@ -65,10 +68,10 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
             if enc_name == "scratch":
                 seed_everything(seed)
                 enc = Encoder(**encoder.spec).to(dev)
-                pva, pte, info, _ = run_head(head, enc, ld, tr, va, te, dev, seed, epochs=epochs, progress=progress)
+                pva, pte, info, _ = run_head(head, enc, ld, tr, va, te, dev, seed, epochs=epochs, progress=inner)
             else:
                 pva, pte, info, _ = run_head(head, encoder, ld, tr, va, te, dev, seed, features=feats,
-                                             epochs=epochs, progress=progress)
+                                             epochs=epochs, progress=inner)
             binary = pte.shape[1] == 2
             thr = youden_threshold(ld.y[va], pva[:, 1]) if binary else 0.5
             m = score(ld.y[te], pte, thr)
@@ -83,7 +86,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
             tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(tr),
                            f"eval_{kind}/{tag}/seed{seed}/")
         log(f"[{i}/{len(plan)}] {kind}={value} seed={seed} ({len(tr)} labels): " +
-            ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]))
+            ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]) +
+            f" | {eta_text(i, len(plan), time.perf_counter() - t_runs)}")
     _write_csv(rows, out / "results.csv")
     summary = summarize(rows)
     (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, val_labels))
@@ -136,15 +140,22 @@ def summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=False) ->
                   f"test n = {(ld.split == 'test').sum()}",
                   f"- {seeds} random labeled subsets per budget (stratified, from the train split only); validation "
                   f"labels: {val_labels}; threshold for accuracy/sensitivity/specificity: Youden J on validation",
-                  "- cells: mean ± sd over seeds [95% t-interval of the mean]; with one seed, a bootstrap CI over test scans", ""]
+                  "- cells: mean ± sd over seeds [95% t-interval of the mean, clipped to 0-1]; with one seed, a bootstrap "
+                  "CI over test scans; † fewer than 3 seeds: the interval is not trustworthy", ""]
     lines += ["| budget | labels | encoder | head | AUC | balanced acc. | sensitivity | specificity |",
               "|---|---|---|---|---|---|---|---|"]
 
     def cell(s, k):
         m, sd, h = s[f"{k}_mean"], s[f"{k}_sd"], s[f"{k}_ci95"]
+        if not np.isfinite(m):
+            return "undefined"
         if k == "auc" and "auc_boot" in s:
             return f"{m:.3f} [{s['auc_boot'][0]:.3f}-{s['auc_boot'][1]:.3f}]"
-        return f"{m:.3f} ± {sd:.3f}" + (f" [±{h:.3f}]" if np.isfinite(h) else "")
+        flag = " †" if s["n_seeds"] < 3 else ""
+        if not np.isfinite(h):
+            return f"{m:.3f}{flag}"
+        lo, hi = max(0.0, m - h), min(1.0, m + h)  # every metric here is a rate in [0, 1]
+        return f"{m:.3f} ± {sd:.3f} [{lo:.3f}-{hi:.3f}]{flag}"
 
     for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], s["encoder"] != "pretrained", s["head"])):
         b = f"{s['budget']:.0%}" if s["budget_kind"] == "fraction" else f"{s['budget']}/class"
@@ -167,7 +178,7 @@ def learning_curve(summary, path: Path) -> None:
         y = np.array([s["auc_mean"] for s in ss])
         h = np.nan_to_num(np.array([s["auc_ci95"] for s in ss]))
         ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}")
-        ax.fill_between(x, y - h, y + h, alpha=0.15)
+        ax.fill_between(x, np.clip(y - h, 0, 1), np.clip(y + h, 0, 1), alpha=0.15)
     ax.set_xscale("log")
     ax.set(xlabel="labeled training scans", ylabel="test AUC", title="Few-label learning curve (95% CI over seeds)")
     ax.axhline(0.5, color="k", lw=0.6, ls=":")

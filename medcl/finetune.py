@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import tensorboard as tb
 from .config import MedclConfig, ViewsConfig
@@ -21,6 +20,7 @@ from .data.labels import LabelsTable, labels_from_records, make_splits, read_lab
 from .encoders import Encoder, atomic_save, build_encoder, load_encoder
 from .errors import LabelsError, MedclError
 from .metrics import bootstrap_ci, score, youden_threshold
+from .progress import Progress
 from .runs import prepare_out_dir, write_json
 from .train import encode, pick_device, seed_everything
 from .views import BatchedViews
@@ -55,15 +55,18 @@ def load_encoder_or_scratch(checkpoint, cfg: MedclConfig):
 
 def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_seed: int = 0, out: Path | None = None,
                  allow_outside: bool = False, strict: bool = False, max_bad_fraction: float = 0.2,
-                 progress: bool = True, log=print, negative=None, multiclass: bool = False) -> LabeledData:
+                 progress: bool = True, log=print, negative=None, multiclass: bool = False,
+                 select=None) -> LabeledData:
     dims, size = int(data_settings.get("dims", 2)), int(data_settings.get("size", 64))
-    source = open_source(data, dims, "all")
+    source = open_source(data, dims, "all", select)
     if labels_csv:
         table = read_labels_csv(labels_csv, source.root if not source.arrays else None, positive, allow_outside,
                                 negative, multiclass)
     else:
         table = labels_from_records(source.records, positive, negative, multiclass)
     by_key = {r.key: r for r in source.records}
+    if source.left_out:  # labeled scans that --include/--exclude/--files leave out are not part of this task
+        table = table.subset([i for i, k in enumerate(table.keys) if k not in source.left_out])
     missing = [k for k in table.keys if k not in by_key]
     if missing:
         if len(missing) == len(table.keys):
@@ -100,12 +103,28 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
     return LabeledData(scans, table, y, split, groups, how)
 
 
-def write_splits(ld: LabeledData, path: Path) -> None:
+ROLES = ("trained_on", "validated_on", "test", "unlabeled")  # what a classifier did with each scan
+
+
+def write_splits(ld: LabeledData, path: Path, train_idx=None, val_idx=None) -> None:
+    """splits.csv: every labeled scan's split and, for one classifier, its role: trained_on (its labels were used),
+    validated_on (chose the model and threshold), test, or unlabeled (a train/val scan outside the label budget)."""
+    role = np.where(ld.split == "test", "test", "unlabeled").astype(object)
+    if train_idx is not None:
+        role[np.asarray(train_idx, dtype=int)] = "trained_on"
+    if val_idx is not None:
+        role[np.asarray(val_idx, dtype=int)] = "validated_on"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "patient", "split"])
-        for r, lab, p, s in zip(ld.scans.records, ld.table.labels, ld.groups, ld.split):
-            w.writerow([r.key, lab, p, s])
+        w.writerow(["path", "label", "patient", "split"] + (["role"] if train_idx is not None else []))
+        for i, (r, lab, p, s) in enumerate(zip(ld.scans.records, ld.table.labels, ld.groups, ld.split)):
+            w.writerow([r.key, lab, p, s] + ([role[i]] if train_idx is not None else []))
+
+
+def read_splits(path: Path) -> dict:
+    """{scan key: (split, role)} from a finetune folder's splits.csv ('' where a column is absent)."""
+    with open(path, newline="") as f:
+        return {r["path"]: (r.get("split") or "", r.get("role") or "") for r in csv.DictReader(f)}
 
 
 # ---- heads on frozen features ------------------------------------------------------------------------------------
@@ -231,8 +250,8 @@ def train_finetune(encoder, ld: LabeledData, train_idx, val_idx, device, seed=0,
     best = (-np.inf, None, 0)
     bs = min(batch_size, len(train_idx))
     steps = max(1, math.ceil(len(train_idx) / bs))
-    bar = tqdm(range(epochs), desc="fine-tune", disable=not progress, leave=False)
-    for ep in bar:
+    bar = Progress(epochs, "fine-tune epoch", progress)
+    for ep in range(epochs):
         model.train()
         order = rng.permutation(train_idx)
         for s in range(steps):
@@ -247,10 +266,12 @@ def train_finetune(encoder, ld: LabeledData, train_idx, val_idx, device, seed=0,
         pv = predict(model, ld.scans, val_idx, device)
         s = _auc_or_acc(ld.y[val_idx], pv) if len(np.unique(ld.y[val_idx])) > 1 else -loss.item()
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{s:.3f}")
+        bar.update()
         if s > best[0]:
             best = (s, copy.deepcopy(model.state_dict()), ep)
         elif ep - best[2] >= patience:
             break
+    bar.close()
     model.load_state_dict(best[1])
     return model, {"best_epoch": best[2] + 1, "val_score": float(best[0])}
 
@@ -318,7 +339,7 @@ def load_classifier(path) -> tuple[Classifier, dict]:
 
 def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_class=None, mode="probe", seed=0,
              positive=None, cfg: MedclConfig | None = None, overwrite=False, epochs=30, val_labels="budget",
-             allow_outside=False, progress=True, log=print, negative=None, multiclass=False) -> dict:
+             allow_outside=False, progress=True, log=print, negative=None, multiclass=False, select=None) -> dict:
     """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict."""
     cfg = cfg or MedclConfig()
     if mode not in ("probe", "finetune"):
@@ -330,12 +351,12 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
     device = pick_device(cfg.train.device)
     encoder, settings, ck = load_encoder_or_scratch(checkpoint, cfg)
     if ck == "none" and mode == "probe":
-        log("note: --checkpoint none with --mode probe evaluates random features; use --mode finetune for the "
-            "from-scratch baseline")
+        log("note: --checkpoint none --mode probe is the random-init control (random features, the same probe): "
+            "what a pretrained probe must beat; --mode finetune trains the network from scratch instead")
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, allow_outside=allow_outside,
-                      progress=progress, log=log, negative=negative, multiclass=multiclass)
-    write_splits(ld, out / "splits.csv")
+                      progress=progress, log=log, negative=negative, multiclass=multiclass, select=select)
     tr, va, te = budget_rows(ld, label_fraction, labels_per_class, seed, val_labels)
+    write_splits(ld, out / "splits.csv", tr, va)
     log(f"{len(ld.scans)} labeled scans (splits {ld.split_source}): train {len(tr)} of {(ld.split == 'train').sum()} "
         f"labeled, val {len(va)}, test {len(te)}; positive class: {ld.table.class_names()[-1] if ld.table.binary else 'multi-class'}")
     encoder = encoder.to(device)

@@ -34,9 +34,10 @@ def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = Fals
         return out
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise RunDirError(f"{out} already exists and is not empty. Pass --resume to continue that run, "
-                              "--overwrite to replace it, or choose another --out.")
-        if (out / "config.yaml").is_file() or (out / "metrics.json").is_file() or (out / "embeddings.npz").is_file():
+            again = "Pass --resume to continue that run, --overwrite to replace it" if marker == "config.yaml" else \
+                "Pass --overwrite to replace it"
+            raise RunDirError(f"{out} already exists and is not empty. {again}, or choose another --out.")
+        if any((out / m).is_file() for m in ("config.yaml", "metrics.json", "embeddings.npz", "results.csv", "demo.json")):
             shutil.rmtree(out)
         else:
             raise RunDirError(f"--overwrite refused: {out} does not look like a medcl output folder; delete it yourself.")

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import dist
-from .config import MedclConfig, save_config, load_config
+from .config import MedclConfig, load_config, resume_differences, save_config, saved_run
 from .data.cache import ScanSet, build_cache, write_skipped
-from .data.discover import open_source
+from .data.discover import open_source, selection_of, trained_on
 from .encoders import atomic_save, build_encoder, export_encoder, safe_load
 from .errors import CheckpointError, MedclError, TrainingDiverged
+from .memory import fit_batch, measure_step
 from .methods import build_method
 from .monitors import collapse_metrics, is_collapsed, knn_probe
+from .progress import Progress, duration, eta_text
 from .runs import prepare_out_dir
 from .views import BatchedViews, TwoViewDataset, monai_transform, resolve_backend, _seed
 from . import tensorboard as tb
@@ -293,10 +294,10 @@ def _set_rng_state(st: dict) -> None:
     random.setstate((v, tuple(internal), g))
 
 
-def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg):
+def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_complete=False):
     return {"format": "medcl-checkpoint-v1", "model": method.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),  # bf16 autocast needs no gradient scaler
-            "epoch": epoch, "step": step, "global_step": global_step,
+            "epoch": epoch, "step": step, "global_step": global_step, "epoch_complete": epoch_complete,
             "rng": _rng_state(),
             "config": cfg.to_dict()}
 
@@ -318,21 +319,24 @@ def encode(encoder, images, device, batch_size: int = 256, amp: bool = False) ->
 
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,
              labels=None, probe_labels=None, epochs: int | None = None, pairs=None, progress: bool = True,
-             log=print) -> Path:
+             log=print, allow_different_data: bool = False) -> Path:
     """Pretrain an encoder on the scans in `data` (folder or MedMNIST .npz). Returns the run folder.
 
     Writes config.yaml, checkpoints/last.pt (every epoch, atomically), encoder.pt, skipped.csv and TensorBoard events.
     `labels`: a LabelsTable used by SupCon and patient positives; `probe_labels`: a LabelsTable for the online kNN monitor.
-    With `resume`, the run's saved config is used (`cfg` is ignored); `epochs` may extend it.
+    With `resume`, the run's saved config is used; a `cfg` given too may differ from it only in how the run runs
+    (epochs, device, logging: config.RESUME_MAY_CHANGE), and DATA must be the scans it was trained on unless
+    `allow_different_data`. A finished run is reported complete and left as it is.
     `pairs`: [(key_a, key_b, similar)] from a pairs CSV, for method.name=pair.
     """
-    cfg = cfg or MedclConfig()
+    out = Path(out)
+    saved = out / "config.yaml"
+    saved_cfg = load_config(base=saved_run(saved)[0]) if resume and saved.is_file() else None
+    cfg = cfg or saved_cfg or MedclConfig()
     if epochs is not None:
         cfg.train.epochs = epochs
-    out = Path(out)
     # join torchrun's process group first: rank 0 alone prepares the run folder, the other ranks wait for it
-    saved = out / "config.yaml"
-    device = pick_device((load_config(saved) if resume and saved.is_file() else cfg).train.device)
+    device = pick_device(cfg.train.device)
     dist.init_from_env(device.type)
     if device.type == "cuda" and dist.world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -340,25 +344,54 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if main:
         prepare_out_dir(out, data, resume=resume, overwrite=overwrite)
     dist.barrier()
-    ckpt = None
+    ckpt, provenance = None, None
     if resume:
-        ckpt = safe_load(out / "checkpoints" / "last.pt", "checkpoint") if (out / "checkpoints" / "last.pt").is_file() else None
-        cfg = load_config(saved)
-        if epochs is not None:
-            cfg.train.epochs = epochs
-    if main:
-        save_config(cfg, saved)
-    seed_everything(cfg.train.seed)
+        if saved_cfg is None:
+            saved_cfg = load_config(base=saved_run(saved)[0])
+        changed = resume_differences(saved_cfg, cfg)
+        if changed:
+            key, was, now = changed[0]
+            raise MedclError(f"--resume: {key} is {was!r} in the saved run but {now!r} was asked"
+                             f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; a resumed run keeps "
+                             f"what it learns with. Drop the flag, or start a new run with --out elsewhere.")
+        ckpt_path = out / "checkpoints" / "last.pt"
+        ckpt = safe_load(ckpt_path, "checkpoint") if ckpt_path.is_file() else None
+        if ckpt is None:
+            log(f"{out} has no checkpoint: the earlier run stopped before its first one (the end of epoch 1, or "
+                f"train.checkpoint_every steps); starting from the beginning")
+        elif ckpt.get("epoch_complete") and ckpt["epoch"] + 1 >= cfg.train.epochs:
+            log(f"{out} is complete: {ckpt['epoch'] + 1} of {cfg.train.epochs} epochs done, nothing to resume; "
+                f"its outputs are left as they are. To train longer: --resume --epochs N (N > {ckpt['epoch'] + 1}).")
+            dist.cleanup()
+            return out
+        provenance = saved_run(saved)[1]
 
     cache_dims = 3 if cfg.method.positives == "neighbors" else cfg.data.dims  # 2D neighbours are slices of volumes
-    source = open_source(data, cache_dims, cfg.data.npz_split)
+    source = open_source(data, cache_dims, cfg.data.npz_split, selection_of(cfg.data))
+    now_on = trained_on(source, data)
+    if provenance and provenance.get("file_list_sha256") != now_on["file_list_sha256"]:
+        was = (f"{provenance.get('data')} ({provenance.get('n_scans')} scans, file list "
+               f"{provenance.get('file_list_sha256')})")
+        if not allow_different_data:
+            raise MedclError(f"--resume: {out} was trained on {was}, but {data} holds other scans "
+                             f"({now_on['n_scans']}, file list {now_on['file_list_sha256']}). Resume with the "
+                             f"original DATA (and the same --include/--exclude), or pass --allow-different-data to "
+                             f"continue training on these scans.")
+        log(f"note: continuing on different data (--allow-different-data): was {was}")
+        now_on["earlier"] = list(provenance.get("earlier", [])) + [{k: v for k, v in provenance.items() if k != "earlier"}]
+    elif provenance and provenance.get("earlier"):
+        now_on["earlier"] = provenance["earlier"]
     if main:
-        log(f"found {len(source.records)} scans in {data}")
+        save_config(cfg, saved, trained_on=now_on)
+    seed_everything(cfg.train.seed)
+    if main:
+        log(f"found {len(source.records)} scans in {data}" +
+            (f" ({len(source.left_out)} more left out by --include/--exclude/--files)" if source.left_out else ""))
     # every rank decodes the scans itself; a cache too big for memory gets one memmap file per rank (no shared writes)
     cache_dir = out / "cache" if dist.world_size() == 1 else out / "cache" / f"rank{dist.rank()}"
     scans = build_cache(source, cache_dims, cfg.data.size, cfg.data.channels, cfg.data.intensity, cfg.data.strict,
                         cfg.data.max_bad_fraction, cache_dir, cfg.data.cache_max_gb, cfg.data.num_workers,
-                        progress and main)
+                        progress and main, skip_label_maps=cfg.data.skip_label_maps)
     if main:
         write_skipped(scans.skipped, out / "skipped.csv")
         if scans.skipped:
@@ -380,12 +413,21 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if global_batch < 2 * world:
         raise MedclError(f"only {n_items} usable items: need at least {2 * world} for a contrastive batch.")
     global_batch -= global_batch % world
-    steps_per_epoch = n_items // global_batch
     if global_batch < cfg.train.batch_size and main:
         log(f"note: batch size lowered to {global_batch} (only {len(scans)} scans)")
 
     encoder = build_encoder(cfg)
     method = build_method(cfg.method.name, encoder, cfg.method).to(device)
+    if ckpt is None and world == 1:  # a step too big for memory is lowered (or refused) here, not killed by the OS
+        item = (cfg.data.channels,) + (cfg.data.size,) * cfg.data.dims
+        mem = measure_step(method, item, global_batch, amp=speed_settings(cfg, device)["amp"])
+        fitted = fit_batch(mem, global_batch, device, limit_gb=cfg.train.memory_gb,
+                           log=log if main else (lambda *a: None))
+        if fitted != global_batch:
+            global_batch = cfg.train.batch_size = fitted
+            if main:
+                save_config(cfg, saved, trained_on=now_on)  # a --resume continues with the batch that fits
+    steps_per_epoch = n_items // global_batch
     speed = speed_settings(cfg, device)
     if speed["channels_last"]:
         method = method.to(memory_format=torch.channels_last)
@@ -443,7 +485,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if probe_labels is not None and cache_dims == cfg.data.dims:
         probe = probe_labels.probe_set(scans)
     extra = {"data": {"dims": cfg.data.dims, "size": cfg.data.size, "channels": cfg.data.channels,
-                      "intensity": cfg.data.intensity}, "method": cfg.method.name}
+                      "intensity": cfg.data.intensity}, "method": cfg.method.name, "trained_on": now_on}
     if main:
         (out / "checkpoints").mkdir(exist_ok=True)
         log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on {device}: "
@@ -471,11 +513,14 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 loss_log.write(f"{g},{ep + 1},{value:.8g}\n")
                 loss_log.flush()
         return last_loss
+    run_start, run_steps, timed_from = time.perf_counter(), 0, None  # for the time estimate and each epoch's ETA
+    estimate_after = min(10, total - global_step)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             model.train()
-            bar = tqdm(total=steps_per_epoch, initial=start_step if epoch == start_epoch else 0,
-                       desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not (progress and main), leave=False)
+            # bar on a terminal; elsewhere the epoch line below is the progress report
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress if main else False,
+                           initial=start_step if epoch == start_epoch else 0, line_every=None)
             t_last, n_last = time.perf_counter(), 0
             first = start_step if epoch == start_epoch else 0
             for step, v1, v2, idx in stream.epoch(epoch, first):
@@ -503,6 +548,14 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 last_loss = settle(keep_last=True)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{n_last / max(time.perf_counter() - t_last, 1e-9):.0f}")
                 bar.update()
+                run_steps += 1
+                if run_steps == 1:
+                    timed_from = time.perf_counter()  # the first step pays for warm-up: time the ones after it
+                elif run_steps == estimate_after and main:
+                    per_step = (time.perf_counter() - timed_from) / (run_steps - 1)
+                    log(f"estimated time: about {duration(per_step * (total - global_step + run_steps))} for "
+                        f"{cfg.train.epochs - epoch} epoch(s) ({duration(per_step * steps_per_epoch)} per epoch, "
+                        f"timed over steps 2-{run_steps})")
                 log_now = global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1
                 save_now = bool(cfg.train.checkpoint_every) and global_step % cfg.train.checkpoint_every == 0
                 if log_now or save_now:  # on every rank at the same steps, so ranks stop together on a NaN
@@ -535,8 +588,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
             bar.close()
             last_loss = settle()
             if main:
-                atomic_save(_checkpoint_state(method, opt, sched, epoch, steps_per_epoch, global_step, cfg),
-                            out / "checkpoints" / "last.pt")
+                atomic_save(_checkpoint_state(method, opt, sched, epoch, steps_per_epoch, global_step, cfg,
+                                              epoch_complete=True), out / "checkpoints" / "last.pt")
                 export_encoder(method.encoder if not speed["compile"] else method.encoder._orig_mod, out / "encoder.pt", extra)
                 if probe is not None:
                     feats = encode(method.encoder, probe[0], device, amp=use_amp)
@@ -545,7 +598,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                     if k:
                         log(f"epoch {epoch + 1}: online kNN on {len(probe[1])} probe scans: " +
                             ", ".join(f"{a}={b:.3f}" for a, b in k.items()))
-                log(f"epoch {epoch + 1}/{cfg.train.epochs}: loss {last_loss:.4f}")
+                log(f"epoch {epoch + 1}/{cfg.train.epochs}: loss {last_loss:.4f}, "
+                    f"{eta_text(run_steps, total - global_step + run_steps, time.perf_counter() - run_start)}")
                 writer.flush()
             if cfg.train.max_steps and global_step >= cfg.train.max_steps:
                 break

@@ -24,13 +24,36 @@ def test_config_errors_name_the_key(item, msg):
         load_config(None, parse_set([item]))
 
 
-def test_recipes_load():
+def test_recipes_ship_with_the_package_and_load_by_name_or_path():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-    assert recipes
-    for r in recipes:
-        load_config(r)
+    from medcl.config import RECIPES, recipe_names
+    from medcl.methods import METHODS
+    from medcl.config import METHOD_NAMES
+
+    assert set(METHODS) == set(METHOD_NAMES)  # the torch-free list the config checks against
+    assert RECIPES.parent == Path(__import__("medcl").__file__).parent  # inside the package: it ships in the wheel
+    names = recipe_names()
+    assert {"simclr_2d", "simclr_3d", "medmnist28"} <= set(names)
+    repo_configs = Path(__file__).parents[1] / "configs" / "pretrain"
+    for n in names:
+        by_name, by_file = load_config(n), load_config(f"{n}.yaml")
+        assert by_name == by_file == load_config(repo_configs / f"{n}.yaml")  # configs/pretrain is the same files
+    import tomllib
+
+    pkg_data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "recipes/*.yaml" in pkg_data["medcl"]
+    with pytest.raises(ConfigError, match="simclr_2d"):
+        load_config("simclr_2x")  # the error lists the shipped recipes
+
+
+def test_every_config_key_has_a_meaning():
+    from medcl.config import MedclConfig, describe
+
+    text = describe(MedclConfig())
+    keys = [ln for ln in text.splitlines() if ln.startswith("  ")]
+    assert len(keys) == sum(len(v) for v in MedclConfig().to_dict().values())
+    assert all("# " in ln and ln.split("# ", 1)[1].strip() for ln in keys), [ln for ln in keys if "# " not in ln]
 
 
 def write_csv(tmp_path, text):

@@ -12,18 +12,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import MedclError, ScanReadError
+from ..progress import Progress
 from .discover import Source
 
 MIN_SIDE = 4  # below this a scan carries no usable structure
+LABEL_MAP_MAX_VALUES = 16  # an integer image with this few distinct values is a mask or label map, not a scan
+LABEL_MAP_NAME_WORDS = ("seg", "mask", "label", "parc", "annot")  # ... or up to 256 values with a name like these
 
 
-def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channels: int, intensity: str) -> np.ndarray:
+def label_map_values(arr: np.ndarray, path) -> np.ndarray | None:
+    """The distinct values if `arr` looks like a segmentation (tumour labels, brain mask, parcellation), else None.
+
+    Segmentations sit beside images in most 3D folders (BraTS: FLAIR, T1c, brainmask, tumour labels); pretraining on
+    them teaches the encoder nothing about anatomy. A cheap subsample rejects most real scans at once."""
+    name = Path(str(path)).name.lower()
+    limit = 256 if any(w in name for w in LABEL_MAP_NAME_WORDS) else LABEL_MAP_MAX_VALUES
+    flat = arr.ravel()
+    if np.unique(flat[:: max(1, flat.size // 100_000)]).size > limit:
+        return None
+    if not np.array_equal(flat, np.round(flat)):
+        return None
+    values = np.unique(flat)
+    return values if values.size <= limit else None
+
+
+def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channels: int, intensity: str,
+                   skip_label_maps: bool = True) -> np.ndarray:
     """Channel-first scan -> float32 (channels, *[size]*dims) in [0, 1]. Raises ScanReadError with the reason."""
     if not np.all(np.isfinite(arr)):
         raise ScanReadError(path, "contains NaN or Inf values; fix or remove the scan.")
+    if skip_label_maps and arr.min() < arr.max() and (values := label_map_values(arr, path)) is not None:
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (" …" if len(values) > 8 else "")
+        raise ScanReadError(path, f"looks like a label map or mask ({len(values)} distinct integer values: {shown}), "
+                                  "not an image; skipped. Keep it out with --exclude, or pretrain on it anyway with "
+                                  "--set data.skip_label_maps=false.")
     spatial = arr.ndim - 1
     if dims == 2 and spatial == 3:
         if 1 in arr.shape[1:]:
@@ -109,7 +133,8 @@ class ScanSet:
 
 def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensity: str = "percentile",
                 strict: bool = False, max_bad_fraction: float = 0.2, cache_dir: Path | None = None,
-                cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True) -> ScanSet:
+                cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True,
+                skip_label_maps: bool = True) -> ScanSet:
     recs = source.records
     n = len(recs)
     item_shape = (channels,) + (size,) * dims
@@ -126,12 +151,14 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         where = rec.path if rec.fmt != "npz" else f"{rec.path}:{rec.key}"
         try:
             arr, spacing = source.read(rec)
-            return i, to_model_array(arr, spacing, where, dims, size, channels, intensity), None
+            # a MedMNIST .npz is a declared dataset (VesselMNIST3D *is* binary masks): no label-map guess there
+            return i, to_model_array(arr, spacing, where, dims, size, channels, intensity,
+                                     skip_label_maps and rec.fmt != "npz"), None
         except ScanReadError as e:
             return i, None, (e.path, e.reason)
 
     ok = np.zeros(n, dtype=bool)
-    bar = tqdm(total=n, desc="decode scans", unit="scan", disable=not progress or n < 50, leave=False)
+    bar = Progress(n, "decode scans", progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=50)
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         for i, img, err in pool.map(work, range(n)):
             bar.update()

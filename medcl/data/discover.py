@@ -1,7 +1,10 @@
 """Folder (or MedMNIST .npz) -> scan records. Nothing is read here beyond DICOM headers."""
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import os
+import posixpath
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ class Source:
     records: list
     problems: list = field(default_factory=list)  # (path, reason) found while walking
     arrays: dict = field(default_factory=dict)  # .npz: split -> images
+    left_out: set = field(default_factory=set)  # keys found but not selected (--include/--exclude/--files)
 
     def read(self, rec: ScanRecord):
         if rec.fmt == "npz":
@@ -147,10 +151,84 @@ def open_npz(path: Path) -> Source:
     return Source(path.parent, records, arrays=arrays)
 
 
-def open_source(data, dims: int = 2, npz_split: str = "all") -> Source:
+def _patterns(value) -> list:
+    if not value:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [p.strip() for p in items if p and p.strip()]
+
+
+@dataclass
+class Selection:
+    """Which of the found scans a command uses. Patterns are shell globs on the path relative to DATA (`*` also
+    crosses folders, so `*mask*` matches `p1/brainmask.nii.gz`); `files` is a text file of such paths, one a line."""
+
+    include: list = field(default_factory=list)
+    exclude: list = field(default_factory=list)
+    files: str | None = None
+
+    @classmethod
+    def make(cls, include=None, exclude=None, files=None) -> "Selection":
+        return cls(_patterns(include), _patterns(exclude), str(files) if files else None)
+
+    def __bool__(self):
+        return bool(self.include or self.exclude or self.files)
+
+    def listed(self) -> set | None:
+        if not self.files:
+            return None
+        p = Path(self.files)
+        if not p.is_file():
+            raise MedclError(f"--files {p}: file not found (expected one scan path relative to DATA per line).")
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+        return {posixpath.normpath(ln.replace("\\", "/")) for ln in lines if ln and not ln.startswith("#")}
+
+    def apply(self, src: Source, data) -> Source:
+        if not self:
+            return src
+        listed = self.listed()
+
+        def keep(key):
+            base = key.split("#")[0]  # a DICOM series is named by its folder
+            if listed is not None and base not in listed and key not in listed:
+                return False
+            if self.include and not any(fnmatch.fnmatchcase(base, p) for p in self.include):
+                return False
+            return not any(fnmatch.fnmatchcase(base, p) for p in self.exclude)
+
+        kept = [r for r in src.records if keep(r.key)]
+        if listed is not None:
+            unknown = sorted(listed - {r.key.split("#")[0] for r in src.records} - {r.key for r in src.records})
+            if unknown:
+                raise MedclError(f"--files {self.files}: {len(unknown)} listed path(s) are not scans under {data} "
+                                 f"(first: {unknown[:3]}); paths must be relative to DATA.")
+        if not kept:
+            raise MedclError(f"no scans left in {data} after --include {self.include or '-'} --exclude "
+                             f"{self.exclude or '-'}{' --files ' + self.files if self.files else ''} "
+                             f"({len(src.records)} found). Check the patterns: they match paths relative to DATA.")
+        src.left_out = {r.key for r in src.records} - {r.key for r in kept}
+        src.records = kept
+        return src
+
+
+def open_source(data, dims: int = 2, npz_split: str = "all", select: Selection | None = None) -> Source:
     src = discover(data, dims)
     if src.arrays and npz_split != "all":
         src.records = [r for r in src.records if r.split == npz_split]
         if not src.records:
             raise MedclError(f"{data}: no '{npz_split}' split in this .npz.")
-    return src
+    return (select or Selection()).apply(src, data)
+
+
+def selection_of(data_cfg) -> Selection:
+    """The Selection a DataConfig asks for (data.include / data.exclude / data.files)."""
+    return Selection.make(data_cfg.include, data_cfg.exclude, data_cfg.files)
+
+
+def trained_on(src: Source, data) -> dict:
+    """What a run was trained on: the DATA path, the number of scans selected, and a fingerprint of their file list
+    (paths relative to DATA, so a moved folder still matches while another folder does not)."""
+    h = hashlib.sha256()
+    for key in sorted(r.key for r in src.records):
+        h.update(key.encode() + b"\n")
+    return {"data": str(Path(data).resolve()), "n_scans": len(src.records), "file_list_sha256": h.hexdigest()[:16]}
