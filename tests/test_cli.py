@@ -88,3 +88,90 @@ def test_clear_errors_without_traceback(tmp_path, phantoms2d):
     assert r.returncode == 2 and "Did you mean 'name'" in r.stderr
     r = medcl("pretrain", phantoms2d, "--out", phantoms2d / "run", check=False)
     assert r.returncode == 2 and "inside the data folder" in r.stderr
+
+
+# ---- trust: tasks never change silently, progress off a terminal, cheap mistakes fail fast ---------------------
+
+def _with_typo(tmp_path, phantoms2d):
+    """labels.csv with CSV line 6 labelled 'maybe??' among diseased/healthy."""
+    rows = (phantoms2d / "labels.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    cells = rows[5].split(",")
+    cells[header.index("label")] = "maybe??"
+    rows[5] = ",".join(cells)
+    p = tmp_path / "labels_typo.csv"
+    p.write_text("\n".join(rows) + "\n")
+    return p
+
+
+def test_a_mistyped_label_is_an_error_naming_its_row(tmp_path, phantoms2d):
+    typo = _with_typo(tmp_path, phantoms2d)
+    r = medcl("finetune", "--checkpoint", "none", "--data", phantoms2d, "--labels", typo, "--out", tmp_path / "ft",
+              check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "'maybe??' (1 row: 6)" in r.stderr and "--multiclass" in r.stderr and "--positive" in r.stderr
+    assert not (tmp_path / "ft" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_an_explicit_multiclass_task_writes_valid_json(tmp_path, phantoms2d):
+    typo = _with_typo(tmp_path, phantoms2d)
+    medcl("finetune", "--checkpoint", "none", "--data", phantoms2d, "--labels", typo, "--out", tmp_path / "ft",
+          "--multiclass", *TINY, "--set", "data.size=16")
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert m["positive_class"] is None and len(m["classes"]) == 3
+
+
+@pytest.mark.slow
+def test_progress_lines_with_eta_when_not_on_a_terminal(tmp_path, phantoms2d):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("MEDCL_PROGRESS", None)
+    base = [sys.executable, "-m", "medcl", "finetune", "--checkpoint", "none", "--mode", "finetune", "--data",
+            phantoms2d, "--labels", phantoms2d / "labels.csv", "--labels-per-class", 4, "--epochs", 2,
+            "--set", "data.size=16", *TINY]
+    r = subprocess.run([*map(str, base), "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("fine-tune epoch")]
+    assert lines[0].startswith("fine-tune epoch: 1/2") and "elapsed" in lines[0] and "ETA" in lines[0]
+    assert "\r" not in r.stderr  # no bar redraws in a log file
+    r = subprocess.run([*map(str, base), "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                       env=dict(env, MEDCL_PROGRESS="off"))
+    assert r.returncode == 0 and "fine-tune epoch" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "medcl", "pretrain", str(phantoms2d), "--out", str(tmp_path / "p"),
+                        "--epochs", "2", "--batch-size", "8", "--set", "data.size=16", *map(str, TINY)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "estimated time: about" in r.stdout
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("epoch 1/2: loss") and "ETA" in ln]
+
+
+def test_cheap_mistakes_fail_before_torch_is_imported(tmp_path, phantoms2d):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,0\n")
+    code = ("import sys; from medcl.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(rc)")
+    for args in (["finetune", "--checkpoint", "none", "--data", phantoms2d, "--labels", bad, "--out", tmp_path / "o"],
+                 ["finetune", "--checkpoint", tmp_path / "nope", "--data", phantoms2d, "--out", tmp_path / "o"],
+                 ["pretrain", phantoms2d, "--out", tmp_path / "o", "--set", "method.name=simclrr"]):
+        r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 2 and "torch not imported" in r.stdout, (args, r.stdout, r.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_usability(tmp_path, phantoms2d):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "x").write_text("x")
+    r = medcl("finetune", "--checkpoint", "none", "--data", phantoms2d, "--out", out, "--labels",
+              phantoms2d / "labels.csv", check=False)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "--resume" not in r.stderr  # finetune cannot resume
+    r = subprocess.run([sys.executable, "-m", "medcl", "embed", "--help", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0  # --quiet after the command
+    r = medcl("evaluate", "--help")
+    assert "(default: 5)" in r.stdout and "(default: knn linear mlp)" in r.stdout and "(default: 30)" in r.stdout
+    for opt in ("--data", "--labels", "--out"):
+        line = r.stdout.split(f"  {opt} ")[1].splitlines()[0].strip()
+        assert line, f"{opt} has no help"
+    r = medcl("config", "show", "--config", "simclr_3d", "--set", "train.epochs=7")
+    assert "dims: 3" in r.stdout and "epochs: 7" in r.stdout and "# passes over the scans" in r.stdout
+    assert "simclr_2d" in medcl("config", "list").stdout

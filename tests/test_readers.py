@@ -1,4 +1,6 @@
 """Readers on real files from ../shared/data, and clear errors on bad ones."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -236,3 +238,56 @@ def test_every_3d_format_reads_the_same_voxels(tmp_path):
     for name, arr in vols.items():
         assert arr.shape == (1, 12, 10, 6), name
         np.testing.assert_array_equal(arr[0], v, err_msg=name)
+
+
+# ---- label maps and masks beside the images; choosing scans with --include/--exclude/--files --------------------
+
+def _nifti(path, arr):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(arr, dtype=np.float32), np.eye(4)), str(path))
+
+
+def test_label_maps_and_masks_are_skipped_with_a_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "p1"
+    p.mkdir()
+    _nifti(p / "t1.nii.gz", rng.normal(size=(20, 20, 12)))
+    _nifti(p / "ct.nii.gz", rng.integers(-1000, 2000, (20, 20, 12)))  # integer HU: an image, many values
+    _nifti(p / "brainmask.nii.gz", rng.random((20, 20, 12)) > 0.5)  # {0, 1}
+    _nifti(p / "tumour.nii.gz", rng.choice([0, 1, 2, 4], (20, 20, 12)))  # BraTS-style labels
+    _nifti(p / "t1_seg_gif.nii.gz", rng.integers(0, 150, (20, 20, 12)))  # a parcellation: 150 labels, named so
+    scans = build_cache(discover(tmp_path, dims=3), 3, 8, progress=False, max_bad_fraction=0.9)
+    assert sorted(r.key for r in scans.records) == ["p1/ct.nii.gz", "p1/t1.nii.gz"]
+    reasons = {Path(path).name: reason for path, reason in scans.skipped}
+    assert set(reasons) == {"brainmask.nii.gz", "tumour.nii.gz", "t1_seg_gif.nii.gz"}
+    assert "label map or mask" in reasons["tumour.nii.gz"] and "0, 1, 2, 4" in reasons["tumour.nii.gz"]
+    kept = build_cache(discover(tmp_path, dims=3), 3, 8, progress=False, skip_label_maps=False)
+    assert len(kept) == 5  # asked to, it pretrains on them
+
+
+def test_brats_folder_pretrains_on_images_not_on_label_maps():
+    from medcl.data.discover import Selection, open_source
+
+    folder = shared("brats2013_deepmedic_examples", "train", "brats_2013_pat0005_1")
+    scans = build_cache(discover(folder, dims=3), 3, 8, progress=False, max_bad_fraction=0.9)
+    assert sorted(r.key for r in scans.records) == ["Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"]
+    assert sorted(Path(p).name for p, _ in scans.skipped) == ["OTMultiClass.nii.gz", "brainmask.nii.gz"]
+    only = open_source(folder, 3, select=Selection.make(include=["*Flair*"]))
+    assert [r.key for r in only.records] == ["Flair_subtrMeanDivStd.nii.gz"] and len(only.left_out) == 3
+
+
+def test_include_exclude_and_file_list_select_scans(tmp_path, phantoms2d):
+    from medcl.data.discover import Selection, open_source
+
+    every = [r.key for r in open_source(phantoms2d).records]
+    src = open_source(phantoms2d, select=Selection.make(include="*p000*", exclude=["*_1.png"]))
+    assert [r.key for r in src.records] == [k for k in every if "p000" in k and not k.endswith("_1.png")]
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# two scans\n{every[3]}\n\n{every[7]}\n")
+    assert [r.key for r in open_source(phantoms2d, select=Selection.make(files=listed)).records] == [every[3], every[7]]
+    listed.write_text("scans/nope.png\n")
+    with pytest.raises(MedclError, match="not scans under"):
+        open_source(phantoms2d, select=Selection.make(files=listed))
+    with pytest.raises(MedclError, match="no scans left"):
+        open_source(phantoms2d, select=Selection.make(include="*.nii.gz"))

@@ -127,3 +127,13 @@ def test_pretrain_lowers_a_batch_that_does_not_fit_and_refuses_one_that_never_ca
     r = medcl(*args, "--out", tmp_path / "never", "--batch-size", 16, "--set", "train.memory_gb=0.02", check=False)
     assert r.returncode == 2 and "even at batch 2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "never" / "encoder.pt").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_selection_is_saved_and_kept_on_resume(tmp_path, phantoms2d):
+    run = tmp_path / "run"
+    r = medcl("pretrain", phantoms2d, "--out", run, "--epochs", 1, "--exclude", "*_1.png", "--quiet", *TINY)
+    assert "found 24 scans" in r.stdout and "24 more left out" in r.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["exclude"] == "*_1.png"
+    r = medcl("pretrain", phantoms2d, "--out", run, "--epochs", 2, "--resume", "--quiet")  # same 24 scans: accepted
+    assert "resuming at epoch 2" in r.stdout

@@ -62,6 +62,30 @@ def test_projector_files_are_consistent(small_run):
     assert "single_image_dim: 24" in cfg and "sprite.png" in cfg and "metadata.tsv" in cfg
 
 
+def test_projector_marks_the_classifiers_splits_and_training_scans(tmp_path, small_run, phantoms2d):
+    from medcl.finetune import finetune
+
+    ft = tmp_path / "ft"
+    finetune(small_run / "pretrain", phantoms2d, phantoms2d / "labels.csv", ft, labels_per_class=4, seed=0,
+             progress=False, log=lambda *a: None)
+    embed(None, phantoms2d, tmp_path / "emb", labels=phantoms2d / "labels.csv", classifier=ft, progress=False,
+          log=lambda *a: None)
+    folder = next((tmp_path / "emb" / "tb").rglob("metadata.tsv")).parent
+    rows = [ln.split("\t") for ln in (folder / "metadata.tsv").read_text().strip().splitlines()]
+    head, rows = rows[0], rows[1:]
+    assert head == ["path", "label", "patient", "split", "probability", "classifier_role"]
+    import csv
+
+    splits = {r["path"]: r for r in csv.DictReader(open(ft / "splits.csv"))}
+    for path, _, _, split, prob, role in rows:
+        assert split == splits[path]["split"] != "-"  # the classifier's own split, not '-'
+        assert role == splits[path]["role"]
+    roles = [r[5] for r in rows]
+    assert roles.count("trained_on") == 8 and "test" in roles and "unlabeled" in roles  # 4 per class trained on
+    z = np.load(tmp_path / "emb" / "embeddings.npz")
+    assert list(z["roles"]) == roles
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
