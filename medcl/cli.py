@@ -9,8 +9,8 @@ import warnings
 from .errors import MedclError
 
 # measured on 2 idle CPU cores (README, "Time"); one wording everywhere
-DEMO_TIME = "about 30 s"
-DEMO3D_TIME = "2-3 minutes"
+DEMO_TIME = "about 1 minute"
+DEMO3D_TIME = "about 4-5 minutes"
 
 EPILOG_PRETRAIN = """examples:
   medcl pretrain scans/ --out runs/simclr                       # 2D folder, default SimCLR recipe
@@ -233,10 +233,13 @@ def _pretrain_config(a, base: dict | None = None):
             over.setdefault(sec, {})[k] = val
     if getattr(a, "strict", False):
         over.setdefault("data", {})["strict"] = True
-    for key in ("include", "exclude", "files"):
-        val = getattr(a, key, None)
-        if val:
-            over.setdefault("data", {})[key] = ",".join(val) if isinstance(val, list) else str(val)
+    for key in ("include", "exclude"):
+        if getattr(a, key, None):
+            over.setdefault("data", {})[key] = ",".join(getattr(a, key))
+    if getattr(a, "files", None):  # absolute, so a --resume from another folder finds the same list
+        from pathlib import Path
+
+        over.setdefault("data", {})["files"] = str(Path(a.files).resolve())
     return load_config(a.config, over, base=base)
 
 

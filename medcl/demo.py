@@ -1,4 +1,4 @@
-"""`medcl demo`: the whole journey on synthetic phantoms, offline, in a few minutes on a laptop CPU."""
+"""`medcl demo`: the whole journey on synthetic phantoms, offline, with the random-init control beside the result."""
 from __future__ import annotations
 
 import time

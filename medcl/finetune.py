@@ -373,7 +373,9 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
                "labels_per_class": labels_per_class, "seed": seed,
                "positive_class": "/".join(ld.table.positive) if binary else None,
                "classes": ld.table.class_names(), "mode": mode, "head": head, "head_info": info,
-               "threshold": thr, "threshold_rule": "Youden J on validation" if binary else "argmax",
+               "threshold": thr, "threshold_rule": ("argmax" if not binary else "Youden J on validation"
+                                                     if len(np.unique(ld.y[va])) > 1 else
+                                                     "0.5: the validation labels hold one class"),
                "checkpoint": ck, "splits": ld.split_source, "n_skipped": len(ld.scans.skipped),
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "metrics.json", metrics)

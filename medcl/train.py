@@ -391,7 +391,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     cache_dir = out / "cache" if dist.world_size() == 1 else out / "cache" / f"rank{dist.rank()}"
     scans = build_cache(source, cache_dims, cfg.data.size, cfg.data.channels, cfg.data.intensity, cfg.data.strict,
                         cfg.data.max_bad_fraction, cache_dir, cfg.data.cache_max_gb, cfg.data.num_workers,
-                        progress and main, skip_label_maps=cfg.data.skip_label_maps)
+                        progress if main else False, skip_label_maps=cfg.data.skip_label_maps)
     if main:
         write_skipped(scans.skipped, out / "skipped.csv")
         if scans.skipped:
@@ -553,9 +553,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                     timed_from = time.perf_counter()  # the first step pays for warm-up: time the ones after it
                 elif run_steps == estimate_after and main:
                     per_step = (time.perf_counter() - timed_from) / (run_steps - 1)
-                    log(f"estimated time: about {duration(per_step * (total - global_step + run_steps))} for "
-                        f"{cfg.train.epochs - epoch} epoch(s) ({duration(per_step * steps_per_epoch)} per epoch, "
-                        f"timed over steps 2-{run_steps})")
+                    log(f"estimated time: about {duration(per_step * (total - global_step + run_steps))} in all, "
+                        f"{duration(per_step * steps_per_epoch)} per epoch (timed over steps 2-{run_steps})")
                 log_now = global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1
                 save_now = bool(cfg.train.checkpoint_every) and global_step % cfg.train.checkpoint_every == 0
                 if log_now or save_now:  # on every rank at the same steps, so ranks stop together on a NaN

@@ -81,3 +81,14 @@ def test_evaluate_on_medmnist_npz(tmp_path):
                     baseline="none", progress=False, log=lambda *a: None)
     assert {r["n_test"] for r in rows} == {624} and {r["n_labeled_train"] for r in rows} == {10}
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
+
+
+def test_summary_intervals_stay_in_range_and_flag_few_seeds():
+    from medcl.evaluate import summarize, summary_markdown
+
+    rows = [{"budget_kind": "fraction", "budget": 0.1, "encoder": "pretrained", "head": "linear", "n_labeled_train": 9,
+             "auc": a, "accuracy": 0.5, "balanced_accuracy": 0.5, "sensitivity": float("nan"), "specificity": 0.5,
+             "f1": 0.5} for a in (0.925, 0.769)]  # two seeds: mean 0.847, t-interval ±0.99, past 1 unclipped
+    text = summary_markdown(summarize(rows), None, "x", 2, "budget", short=True)
+    cell = text.strip().splitlines()[-1].split("|")[5]
+    assert "[0.000-1.000] †" in cell and "undefined" in text
