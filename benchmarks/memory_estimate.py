@@ -3,7 +3,7 @@
 Each case runs in a fresh process: the estimate (a dry step on the meta device), then two real SimCLR-style steps
 with AdamW at the same batch, reading the growth of peak resident memory. Prints a table; not a test.
 
-    python benchmarks/memory_estimate.py            # about 2-4 minutes on 2 CPU cores
+    python benchmarks/memory_estimate.py            # about 8 minutes on 2 CPU cores
 """
 from __future__ import annotations
 
