@@ -179,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_args(e)
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    v = sub.add_parser("evaluate", help="few-label protocol: budgets x seeds x heads, with a from-scratch baseline",
+    v = sub.add_parser("evaluate", help="few-label protocol: budgets x seeds x heads, against the random-init and "
+                                        "from-scratch controls",
                        formatter_class=fmt, parents=[quiet],
                        description="Run the few-label evaluation protocol and write results.csv, "
-                       "summary.md, learning_curve.png and TensorBoard hparams.", epilog=EPILOG_EVALUATE)
+                       "summary.md, learning_curve.png and TensorBoard hparams. Every budget and seed also runs the "
+                       "same heads on the network at random weights, and (unless --baseline none) the network trained "
+                       "from scratch, on the same labeled subsets; summary.md reports the gain over the best control.",
+                       epilog=EPILOG_EVALUATE)
     v.add_argument("--checkpoint", required=True, help="pretrain run folder or encoder.pt")
     v.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     v.add_argument("--labels", help="LABELS.csv (not needed for a MedMNIST .npz)")

@@ -1,11 +1,16 @@
-"""The few-label protocol: label budgets x seeds x heads, pretrained vs. the same network from scratch.
+"""The few-label protocol: label budgets x seeds x heads, pretrained vs. the controls on the same labeled subsets.
 
-Writes results.csv (one row per budget x seed x head x encoder), summary.md (mean +- sd and 95% CI over seeds),
-learning_curve.png, and TensorBoard scalars + hparams.
+Controls, always: the same network with random weights and the same heads (what isolates the value of pretraining),
+and the same network trained from scratch (`baseline="finetune"`). The summary reports the gain of the best pretrained
+head over the best control, paired by seed (the seed picks the labeled subset).
+
+Writes results.csv (one row per budget x seed x head x encoder), summary.md (mean +- sd and 95% CI over seeds, and the
+gain over the best control), learning_curve.png, and TensorBoard scalars + hparams.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import time
 from pathlib import Path
 
@@ -47,8 +52,12 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                       negative=negative, multiclass=multiclass, select=select)
     write_splits(ld, out / "splits.csv")
     encoder = encoder.to(dev)
-    log(f"encoding {len(ld.scans)} labeled scans with the pretrained encoder")
+    log(f"encoding {len(ld.scans)} labeled scans with the pretrained encoder, and with the same network at random "
+        f"weights (the control)")
     feats = encode(encoder, ld.scans, dev)
+    seed_everything(0)
+    control_feats = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev)
+    feature_heads = [h for h in heads if h != "finetune"]
     budgets = _budgets(fractions, per_class)
     rows = []
     plan = [(b, s) for b in budgets for s in range(seeds)]
@@ -60,7 +69,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                                  seed, val_labels)
         # the protocol's promise, checked on every run: test rows never train or select anything
         assert not (set(tr.tolist()) | set(va.tolist())) & set(te.tolist())
-        runs = [("pretrained", h) for h in heads]
+        subset = hashlib.sha256(np.concatenate([tr, [-1], va]).astype(np.int64).tobytes()).hexdigest()[:12]
+        runs = [("pretrained", h) for h in heads] + [("random-init", h) for h in feature_heads]
         if baseline == "finetune" and (kind != "fraction" or value <= baseline_max_fraction):
             runs.append(("scratch", "finetune"))
         for enc_name, head in runs:
@@ -70,13 +80,14 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                 enc = Encoder(**encoder.spec).to(dev)
                 pva, pte, info, _ = run_head(head, enc, ld, tr, va, te, dev, seed, epochs=epochs, progress=inner)
             else:
-                pva, pte, info, _ = run_head(head, encoder, ld, tr, va, te, dev, seed, features=feats,
+                pva, pte, info, _ = run_head(head, encoder, ld, tr, va, te, dev, seed,
+                                             features=feats if enc_name == "pretrained" else control_feats,
                                              epochs=epochs, progress=inner)
             binary = pte.shape[1] == 2
             thr = youden_threshold(ld.y[va], pva[:, 1]) if binary else 0.5
             m = score(ld.y[te], pte, thr)
             row = {"budget_kind": kind, "budget": value, "n_labeled_train": len(tr), "n_labeled_val": len(va),
-                   "n_test": len(te), "seed": seed, "encoder": enc_name, "head": head, "threshold": round(thr, 4),
+                   "n_test": len(te), "seed": seed, "subset": subset, "encoder": enc_name, "head": head, "threshold": round(thr, 4),
                    **{k: m.get(k, float("nan")) for k in METRICS}, "seconds": round(time.perf_counter() - t1, 1)}
             if seeds == 1:
                 lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
@@ -90,7 +101,12 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
             f" | {eta_text(i, len(plan), time.perf_counter() - t_runs)}")
     _write_csv(rows, out / "results.csv")
     summary = summarize(rows)
-    (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, val_labels))
+    gain = gains_over_best_control(rows, summary)
+    for g in gain:
+        tb.log_scalars(writer, {"auc_gain_over_best_control": g["gain_mean"]}, int(round(g["n_labeled_train"])),
+                       f"gain_{g['budget_kind']}/")
+    (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, val_labels) + "\n" +
+                                    gain_markdown(gain))
     learning_curve(summary, out / "learning_curve.png")
     for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
         sub = tb.open_writer(out / "tb" / "hparams" / f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}")
@@ -101,10 +117,55 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     writer.close()
     write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
                                                    "heads": list(heads), "baseline": baseline, "val_labels": val_labels,
-                                                   "splits": ld.split_source, "seconds": round(time.perf_counter() - t0)})
+                                                   "splits": ld.split_source, "gain_over_best_control": gain,
+                                       "seconds": round(time.perf_counter() - t0)})
     log(summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=True))
+    log(gain_markdown(gain))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
     return rows
+
+
+CONTROLS = ("random-init", "scratch")
+
+
+def gains_over_best_control(rows, summary) -> list:
+    """Per budget: the best pretrained head minus the best control (by mean AUC over seeds), paired by seed: the same
+    seed means the same labeled subset, so the difference per seed removes the subset's luck from the interval."""
+    out = []
+    for kind, budget in dict.fromkeys((s["budget_kind"], s["budget"]) for s in summary):
+        cands = [s for s in summary if (s["budget_kind"], s["budget"]) == (kind, budget)]
+        mine = [s for s in cands if s["encoder"] == "pretrained" and np.isfinite(s["auc_mean"])]
+        ctrl = [s for s in cands if s["encoder"] in CONTROLS and np.isfinite(s["auc_mean"])]
+        if not mine or not ctrl:
+            continue
+        best, rival = max(mine, key=lambda s: s["auc_mean"]), max(ctrl, key=lambda s: s["auc_mean"])
+
+        def by_seed(s):
+            return {r["seed"]: r["auc"] for r in rows if (r["budget_kind"], r["budget"], r["encoder"], r["head"]) ==
+                    (kind, budget, s["encoder"], s["head"])}
+
+        a, b = by_seed(best), by_seed(rival)
+        diffs = [a[k] - b[k] for k in sorted(set(a) & set(b))]
+        mean, sd, half = mean_ci(diffs)
+        out.append({"budget_kind": kind, "budget": budget, "n_labeled_train": best["n_labeled_train"],
+                    "best": f"{best['encoder']}/{best['head']}", "best_auc": best["auc_mean"],
+                    "control": f"{rival['encoder']}/{rival['head']}", "control_auc": rival["auc_mean"],
+                    "gain_mean": mean, "gain_sd": sd, "gain_ci95": half, "n_seeds": len(diffs)})
+    return out
+
+
+def gain_markdown(gain) -> str:
+    lines = ["## Gain over the best control", "",
+             "Best pretrained head minus the best control (random-init encoder with the same heads, or the network "
+             "trained from scratch), AUC, paired by seed: mean [95% t-interval]; † fewer than 3 seeds.", "",
+             "| budget | labels | best pretrained | AUC | best control | AUC | gain |", "|---|---|---|---|---|---|---|"]
+    for g in gain:
+        b = f"{g['budget']:.0%}" if g["budget_kind"] == "fraction" else f"{g['budget']}/class"
+        iv = (f" [{g['gain_mean'] - g['gain_ci95']:+.3f} to {g['gain_mean'] + g['gain_ci95']:+.3f}]"
+              if np.isfinite(g["gain_ci95"]) else "")
+        lines.append(f"| {b} | {g['n_labeled_train']:.0f} | {g['best']} | {g['best_auc']:.3f} | {g['control']} | "
+                     f"{g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv}{' †' if g['n_seeds'] < 3 else ''} |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_csv(rows, path):
@@ -140,6 +201,8 @@ def summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=False) ->
                   f"test n = {(ld.split == 'test').sum()}",
                   f"- {seeds} random labeled subsets per budget (stratified, from the train split only); validation "
                   f"labels: {val_labels}; threshold for accuracy/sensitivity/specificity: Youden J on validation",
+                  "- encoders: `pretrained`; controls on the same subsets: `random-init` (the same network with random "
+                  "weights and the same heads) and `scratch` (the network trained end to end from random weights)",
                   "- cells: mean ± sd over seeds [95% t-interval of the mean, clipped to 0-1]; with one seed, a bootstrap "
                   "CI over test scans; † fewer than 3 seeds: the interval is not trustworthy", ""]
     lines += ["| budget | labels | encoder | head | AUC | balanced acc. | sensitivity | specificity |",
@@ -157,7 +220,8 @@ def summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=False) ->
         lo, hi = max(0.0, m - h), min(1.0, m + h)  # every metric here is a rate in [0, 1]
         return f"{m:.3f} ± {sd:.3f} [{lo:.3f}-{hi:.3f}]{flag}"
 
-    for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], s["encoder"] != "pretrained", s["head"])):
+    order = {"pretrained": 0, "random-init": 1, "scratch": 2}
+    for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], order.get(s["encoder"], 3), s["head"])):
         b = f"{s['budget']:.0%}" if s["budget_kind"] == "fraction" else f"{s['budget']}/class"
         lines.append(f"| {b} | {s['n_labeled_train']:.0f} | {s['encoder']} | {s['head']} | {cell(s, 'auc')} | "
                      f"{cell(s, 'balanced_accuracy')} | {cell(s, 'sensitivity')} | {cell(s, 'specificity')} |")

@@ -1,5 +1,6 @@
 """The few-label protocol: no leakage, grouping, tiny-budget stratification, reproducibility, CIs, outputs."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -64,13 +65,18 @@ def test_evaluate_outputs_on_folders(tmp_path, phantoms2d, phantoms3d, dims):
     rows = evaluate(enc, data, data / "labels.csv", tmp_path / "ev", fractions=[0.5], per_class=[2], seeds=2,
                     heads=("knn", "linear"), baseline="finetune", epochs=1, positive="diseased", progress=False,
                     log=lambda *a: None)
-    assert len(rows) == 2 * 2 * 3  # budgets x seeds x (2 heads + scratch)
+    assert len(rows) == 2 * 2 * 5  # budgets x seeds x (2 heads + the same 2 heads at random init + scratch)
     out = tmp_path / "ev"
     for f in ("results.csv", "summary.md", "learning_curve.png", "splits.csv"):
         assert (out / f).is_file()
     got = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["encoder"] for r in got} == {"pretrained", "scratch"}
-    assert "| budget |" in (out / "summary.md").read_text()
+    assert {r["encoder"] for r in got} == {"pretrained", "random-init", "scratch"}
+    # the controls use exactly the labeled subsets the pretrained heads use
+    for key in {(r["budget_kind"], r["budget"], r["seed"]) for r in got}:
+        same = [r for r in got if (r["budget_kind"], r["budget"], r["seed"]) == key]
+        assert len({r["subset"] for r in same}) == 1 and len({r["n_labeled_train"] for r in same}) == 1
+    text = (out / "summary.md").read_text()
+    assert "| budget |" in text and "## Gain over the best control" in text
 
 
 @pytest.mark.slow
@@ -92,3 +98,18 @@ def test_summary_intervals_stay_in_range_and_flag_few_seeds():
     text = summary_markdown(summarize(rows), None, "x", 2, "budget", short=True)
     cell = text.strip().splitlines()[-1].split("|")[5]
     assert "[0.000-1.000] †" in cell and "undefined" in text
+
+
+@pytest.mark.slow
+def test_a_collapsed_encoder_shows_no_gain_over_the_control(tmp_path, phantoms2d):
+    import torch
+
+    enc = Encoder("resnet10", 2, 1, "small", 0.125)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.zero_()  # every scan maps to the same features: a collapsed encoder
+    export_encoder(enc, tmp_path / "collapsed.pt", {"data": {"dims": 2, "size": 16, "channels": 1}})
+    evaluate(tmp_path / "collapsed.pt", phantoms2d, phantoms2d / "labels.csv", tmp_path / "ev", per_class=[8],
+             seeds=3, heads=("linear",), baseline="none", positive="diseased", progress=False, log=lambda *a: None)
+    gain = json.loads((tmp_path / "ev" / "protocol.json").read_text())["gain_over_best_control"]
+    assert len(gain) == 1 and gain[0]["control"] == "random-init/linear" and gain[0]["gain_mean"] <= 0
