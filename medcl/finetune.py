@@ -103,9 +103,6 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
     return LabeledData(scans, table, y, split, groups, how)
 
 
-ROLES = ("trained_on", "validated_on", "test", "unlabeled")  # what a classifier did with each scan
-
-
 def write_splits(ld: LabeledData, path: Path, train_idx=None, val_idx=None) -> None:
     """splits.csv: every labeled scan's split and, for one classifier, its role: trained_on (its labels were used),
     validated_on (chose the model and threshold), test, or unlabeled (a train/val scan outside the label budget)."""

@@ -281,7 +281,7 @@ def test_include_exclude_and_file_list_select_scans(tmp_path, phantoms2d):
     from medcl.data.discover import Selection, open_source
 
     every = [r.key for r in open_source(phantoms2d).records]
-    src = open_source(phantoms2d, select=Selection.make(include="*p000*", exclude=["*_1.png"]))
+    src = open_source(phantoms2d, select=Selection.make(include="*p000*", exclude=["*_1.png,*nothing*"]))
     assert [r.key for r in src.records] == [k for k in every if "p000" in k and not k.endswith("_1.png")]
     listed = tmp_path / "list.txt"
     listed.write_text(f"# two scans\n{every[3]}\n\n{every[7]}\n")

@@ -152,10 +152,11 @@ def open_npz(path: Path) -> Source:
 
 
 def _patterns(value) -> list:
+    """'a,b' or ['a', 'b,c'] -> ['a', 'b', 'c']: the same on the command line and in config.yaml."""
     if not value:
         return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [p.strip() for p in items if p and p.strip()]
+    items = [value] if isinstance(value, str) else list(value)
+    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
 
 
 @dataclass
