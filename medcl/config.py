@@ -265,14 +265,13 @@ METHOD_NAMES = ("simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "by
 
 
 def validate(cfg: MedclConfig) -> None:
-    METHODS = METHOD_NAMES
     for (sec, key), allowed in _CHOICES.items():
         v = getattr(getattr(cfg, sec), key)
         if v not in allowed:
             raise ConfigError(f"{sec}.{key}={v!r} is not one of {', '.join(map(str, allowed))}."
                               + _suggest(str(v), map(str, allowed)).replace("Valid keys", "Valid values"))
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"method.name={cfg.method.name!r} is not a known method." + _suggest(cfg.method.name, METHODS)
+    if cfg.method.name not in METHOD_NAMES:
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a known method." + _suggest(cfg.method.name, METHOD_NAMES)
                           .replace("Valid keys", "Known methods"))
     lo, hi = cfg.views.crop_scale
     if not (0 < lo <= hi <= 1):
