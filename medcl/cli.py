@@ -247,6 +247,23 @@ def _pretrain_config(a, base: dict | None = None):
     return load_config(a.config, over, base=base)
 
 
+def _auto_base(a, progress) -> dict:
+    """No recipe: settings from the folder's own properties (medcl.auto), printed; typed flags still win."""
+    import torch
+
+    from .auto import auto_settings, describe_auto, folder_profile
+    from .config import parse_set
+
+    over = parse_set(a.set)
+    device = over.get("train", {}).get("device", "auto")
+    device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    profile = folder_profile(a.data, _selection(a), a.dims or over.get("data", {}).get("dims"))
+    settings = auto_settings(profile, device)
+    if progress != "off":
+        print(describe_auto(profile, settings, device))
+    return settings
+
+
 def _check_path(path, what: str):
     from pathlib import Path
 
@@ -313,6 +330,8 @@ def main(argv=None) -> int:
             saved = Path(a.out) / "config.yaml"
             # resuming: what the user typed is applied to the saved config, so repeating the original flags is fine
             base = saved_run(saved)[0] if a.resume and saved.is_file() else None
+            if base is None and not a.config:
+                base = _auto_base(a, progress)
             cfg = _pretrain_config(a, base)
             task = dict(negative=a.negative, multiclass=a.multiclass)
             labels = read_labels_csv(a.labels, a.data, a.positive, **task) if a.labels else None
