@@ -41,8 +41,9 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1, 1.0])
     ap.add_argument("--baseline-epochs", type=int, default=15)
-    ap.add_argument("--baseline-max-fraction", type=float, default=0.1,
-                    help="from-scratch baseline up to this fraction (fully supervised numbers are the published ones)")
+    ap.add_argument("--finetune-max-labels", type=int, default=600,
+                    help="network training rows (scratch baseline) up to this many labels (fully supervised numbers "
+                         "are the published ones)")
     ap.add_argument("--set", action="append", default=[], help="extra pretraining config overrides")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args()
@@ -67,7 +68,7 @@ def main():
     t1 = time.perf_counter()
     evaluate(out / "pretrain", a.data, None, out / "eval", fractions=a.fractions, seeds=a.seeds,
              heads=("knn", "linear", "mlp"), baseline="finetune", epochs=a.baseline_epochs,
-             baseline_max_fraction=a.baseline_max_fraction, progress=False)
+             finetune_max_labels=a.finetune_max_labels, progress=False)
     t_eval = time.perf_counter() - t1
     import torch
 

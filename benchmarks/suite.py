@@ -13,6 +13,9 @@ Writes docs/results.md (tables, learning curves, the command and the wall time p
 
 Usage:  python benchmarks/suite.py [--out runs/suite] [--datasets pneumoniamnist retinamnist ...] [--seeds 5]
         python benchmarks/suite.py --stage pretrain      # only the pretraining runs (reused when complete)
+        python benchmarks/suite.py --stage report        # tables and docs from the runs already in --out
+On 2 CPU cores, `--seeds 3 --finetune-max-labels 20 --epochs 15` keeps it near 30 minutes a dataset (the network
+training rows are the slow part); a GPU runs the defaults.
 Datasets missing from ../shared/data are skipped with the reason.
 """
 from __future__ import annotations
@@ -79,7 +82,7 @@ def non_test_files(name: str, data: Path, labels: Path | None, out: Path) -> lis
     return ["--files", listed]
 
 
-def run_dataset(name, a, timings) -> dict | None:
+def run_dataset(name, a) -> dict | None:
     data, labels, task, anchor = DATASETS[name]
     if not Path(data).exists():
         print(f"{name}: skipped ({data} not found)")
@@ -87,25 +90,35 @@ def run_dataset(name, a, timings) -> dict | None:
     out = Path(a.out) / name
     out.mkdir(parents=True, exist_ok=True)
     pre = out / "pretrain"
+    times_file = out / "timings.json"
+    timings = json.loads(times_file.read_text()) if times_file.is_file() else {}
     if a.stage in ("all", "pretrain"):
         if (pre / "encoder.pt").is_file():
             print(f"{name}: reusing the pretraining run in {pre}")
         else:
             args = ["pretrain", data, "--out", pre, "--overwrite", *non_test_files(name, data, labels, out), *a.pretrain_args]
-            timings[name]["pretrain_s"] = medcl(args, out / "pretrain.log")
-            print(f"{name}: pretrained in {timings[name]['pretrain_s'] / 60:.1f} min "
+            timings["pretrain_s"] = medcl(args, out / "pretrain.log")
+            times_file.write_text(json.dumps(timings))
+            print(f"{name}: pretrained in {timings['pretrain_s'] / 60:.1f} min "
                   f"({open(out / 'pretrain.log').readlines()[1].strip()})")
     if a.stage == "pretrain":
         return None
     ev = out / "eval"
-    args = ["evaluate", "--checkpoint", pre, "--data", data, "--out", ev, "--overwrite", "--seeds", a.seeds,
-            *BUDGETS, "--heads", *a.heads, *(["--labels", labels] if labels else []), *task]
-    timings[name]["evaluate_s"] = medcl(args, out / "evaluate.log")
-    print(f"{name}: evaluated in {timings[name]['evaluate_s'] / 60:.1f} min")
+    if a.stage == "all":
+        args = ["evaluate", "--checkpoint", pre, "--data", data, "--out", ev, "--overwrite", "--seeds", a.seeds,
+                *BUDGETS, "--heads", *a.heads, "--epochs", a.epochs, *(["--labels", labels] if labels else []), *task,
+                *(["--finetune-max-labels", a.finetune_max_labels] if a.finetune_max_labels else [])]
+        timings["evaluate_s"] = medcl(args, out / "evaluate.log")
+        timings["evaluate_command"] = "medcl " + " ".join(map(str, args))
+        times_file.write_text(json.dumps(timings))
+        print(f"{name}: evaluated in {timings['evaluate_s'] / 60:.1f} min")
+    if not (ev / "protocol.json").is_file():
+        print(f"{name}: no evaluation in {ev} yet")
+        return None
     proto = json.loads((ev / "protocol.json").read_text())
     with open(ev / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    return {"name": name, "gain": proto["gain_over_best_control"], "summary": (ev / "summary.md").read_text(),
+    return {"name": name, "gain": proto["gain_over_best_control"], "timings": timings, "summary": (ev / "summary.md").read_text(),
             "anchor": anchor, "rows": rows, "curve": ev / "learning_curve.png",
             "defaults": next((l for l in open(out / "pretrain.log") if l.startswith("defaults")), "(reused run)").strip()
             if (out / "pretrain.log").is_file() else "(reused run)"}
@@ -121,7 +134,7 @@ def gain_table(results) -> str:
             ci = g["gain_ci95"]
             iv = f" [{g['gain_mean'] - ci:+.3f}, {g['gain_mean'] + ci:+.3f}]" if ci == ci and ci is not None else ""
             met = "met" if g["gain_mean"] >= target else "not met"
-            lines.append(f"| {r['name']} | {b} | {g['n_labeled_train']:.0f} | {g['best']} | {g['best_auc']:.3f} | "
+            lines.append(f"| {r['name']} | {b} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | "
                          f"{g['control']} | {g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv} | +{target:.2f}: {met} |")
     return "\n".join(lines)
 
@@ -139,11 +152,11 @@ def sensitivity_spread(rows) -> str:
     return "; ".join(out)
 
 
-def write_docs(results, timings, command, path: Path) -> None:
+def write_docs(results, machine, command, path: Path) -> None:
     figs = path.parent / "results"
     figs.mkdir(exist_ok=True)
     parts = ["# Few-label results over every dataset we have", "",
-             f"Produced by `{command}` on {timings['_machine']}; wall time per dataset below. Every number is a test "
+             f"Produced by `{command}` on {machine}; wall time per dataset below. Every number is a test "
              "AUC on the dataset's held-out test split, mean over seeds (a seed = one labeled subset; every row of a "
              "seed uses the same subset). Gains are paired by seed; the interval is the 95% t-interval of the mean "
              "paired difference. Controls: `random-init` (the same network at random weights with the same heads, "
@@ -151,11 +164,12 @@ def write_docs(results, timings, command, path: Path) -> None:
              "Pretraining used medcl's folder defaults, no recipe, and never saw a test scan.", "",
              "## Best pretrained or semi-supervised row vs the best control", "", gain_table(results), ""]
     for r in results:
-        t = timings[r["name"]]
+        t = r["timings"]
         shutil.copy(r["curve"], figs / f"{r['name']}.png")
         parts += [f"## {r['name']}", "",
                   f"- pretraining: {r['defaults']}",
-                  f"- wall time: pretrain {t.get('pretrain_s', 0) / 60:.1f} min, evaluate {t['evaluate_s'] / 60:.1f} min",
+                  f"- wall time: pretrain {t.get('pretrain_s', float('nan')) / 60:.1f} min, evaluate "
+                  f"{t.get('evaluate_s', float('nan')) / 60:.1f} min; `{t.get('evaluate_command', '')}`",
                   f"- published fully supervised reference: {r['anchor']}",
                   f"- sensitivity at the chosen operating point, 1% labels, mean ± sd over seeds: "
                   f"{sensitivity_spread(r['rows'])}", "",
@@ -169,7 +183,10 @@ def main():
     ap.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--heads", nargs="*", default=HEADS)
-    ap.add_argument("--stage", choices=("all", "pretrain"), default="all")
+    ap.add_argument("--stage", choices=("all", "pretrain", "report"), default="all")
+    ap.add_argument("--epochs", type=int, default=30, help="max epochs of the network training rows")
+    ap.add_argument("--finetune-max-labels", type=int, default=None,
+                    help="network training rows (pretrained finetune, scratch) only up to this many labels")
     ap.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                     help="extra flags for medcl pretrain (last on the line), e.g. --set train.device=cuda")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
@@ -180,11 +197,9 @@ def main():
 
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else
                f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
-    timings = {n: {} for n in a.datasets}
-    timings["_machine"] = machine
     results, t0 = [], time.perf_counter()
     for name in a.datasets:
-        r = run_dataset(name, a, timings)
+        r = run_dataset(name, a)
         if r:
             results.append(r)
             print(gain_table([r]))
@@ -193,7 +208,7 @@ def main():
         print(f"\ntotal wall time {(time.perf_counter() - t0) / 60:.1f} min on {machine}")
         if not a.no_docs:
             command = "python benchmarks/suite.py " + " ".join(sys.argv[1:])
-            write_docs(results, timings, command.strip(), ROOT / "docs" / "results.md")
+            write_docs(results, machine, command.strip(), ROOT / "docs" / "results.md")
             print(f"wrote {ROOT / 'docs' / 'results.md'}")
     return 0
 

@@ -85,6 +85,11 @@ def _task_args(p, what="the task"):
                    "(without it, a third class is an error that names its rows: usually a typo)")
 
 
+OP_HELP = ("decision threshold, from out-of-fold predictions of the labeled scans (cross-validation inside the "
+           "budget): youden, sensitivity=0.95 (the most specific threshold that keeps 95%% sensitivity), or "
+           "specificity=0.9")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medcl", description="Contrastive pretraining for 2D/3D medical scans, "
                                  "few-label fine-tuning, and TensorBoard inspection.",
@@ -149,16 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--labels", help="LABELS.csv (not needed for a MedMNIST .npz)")
     f.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, TensorBoard events)")
     g = f.add_mutually_exclusive_group()
-    g.add_argument("--label-fraction", type=float, help="share of the train split's labels to use, e.g. 0.01 "
-                                                        "(default: all)")
+    g.add_argument("--label-fraction", type=float, help="share of the non-test scans' labels to use, e.g. 0.01 "
+                                                        "(default: all); the other non-test scans are unlabeled")
     g.add_argument("--labels-per-class", type=int, help="labels per class to use, e.g. 10")
-    f.add_argument("--mode", choices=("probe", "finetune"), default="probe",
-                   help="probe: logistic regression on frozen features; finetune: train the whole network")
+    f.add_argument("--mode", choices=("probe", "finetune", "knn", "mlp", "spread", "selftrain"), default="probe",
+                   help="probe: logistic regression on frozen features; finetune: train the whole network (a "
+                        "pretrained encoder at a tenth of the head's learning rate); knn, mlp: other frozen-feature "
+                        "heads; spread (label spreading on the kNN graph) and selftrain (pseudo-labels): "
+                        "semi-supervised heads that also learn from the unlabeled non-test scans")
     f.add_argument("--seed", type=int, default=0, help="picks the labeled subset and seeds training")
     _task_args(f)
-    f.add_argument("--epochs", type=int, default=30, help="max epochs for --mode finetune (early stopping on val)")
-    f.add_argument("--val-labels", choices=("budget", "all"), default="budget",
-                   help="validation labels for model selection: the same budget as training, or all")
+    f.add_argument("--epochs", type=int, default=30, help="max epochs for --mode finetune (early stopping on each "
+                                                          "cross-validation fold)")
+    f.add_argument("--operating-point", default="youden", help=OP_HELP)
     f.add_argument("--allow-outside", action="store_true", help="let CSV paths point outside DATA")
     _selection_args(f)
     _common_config_args(f, for_finetune=True)
@@ -195,15 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label fractions (default: 0.01 0.05 0.1 0.25 1.0 unless --per-class is given)")
     v.add_argument("--per-class", type=int, nargs="*", default=None, help="labels-per-class budgets, e.g. 5 10 25 50")
     v.add_argument("--seeds", type=int, default=5, help="random labeled subsets per budget")
-    v.add_argument("--heads", nargs="*", default=["knn", "linear", "mlp"], help="heads on the pretrained encoder: "
-                                                                                "knn linear mlp finetune")
+    v.add_argument("--heads", nargs="*", default=["knn", "linear", "spread", "selftrain"],
+                   help="heads on the pretrained encoder (frozen-feature heads run on the random-init control too): "
+                        "knn linear mlp, semi-supervised spread selftrain, and finetune")
     v.add_argument("--baseline", choices=("finetune", "none"), default="finetune",
                    help="train the same network from scratch on the same subsets, or skip it")
-    v.add_argument("--baseline-max-fraction", type=float, default=1.0,
-                   help="run the from-scratch baseline only up to this label fraction (it is the slow part on CPU)")
+    v.add_argument("--finetune-max-labels", type=int, default=None,
+                   help="train the network (the finetune head and the scratch baseline) only for budgets of at most "
+                        "this many labels: it is the slow part on a CPU (default: every budget)")
     v.add_argument("--epochs", type=int, default=30, help="max epochs for finetune heads and the baseline")
-    v.add_argument("--val-labels", choices=("budget", "all"), default="budget",
-                   help="validation labels for model selection: the same budget as training, or all")
+    v.add_argument("--operating-point", default="youden", help=OP_HELP)
     _task_args(v)
     _selection_args(v)
     v.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -354,7 +363,7 @@ def main(argv=None) -> int:
             from .finetune import finetune
 
             finetune(a.checkpoint, a.data, a.labels, a.out, a.label_fraction, a.labels_per_class, a.mode, a.seed,
-                     a.positive, cfg, a.overwrite, a.epochs, a.val_labels, a.allow_outside, progress,
+                     a.positive, cfg, a.overwrite, a.epochs, a.operating_point, a.allow_outside, progress,
                      negative=a.negative, multiclass=a.multiclass, select=_selection(a))
         elif a.command == "embed":
             if not a.checkpoint and not a.classifier:
@@ -367,8 +376,8 @@ def main(argv=None) -> int:
             from .evaluate import evaluate
 
             evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class,
-                     seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, val_labels=a.val_labels,
-                     positive=a.positive, overwrite=a.overwrite, baseline_max_fraction=a.baseline_max_fraction,
+                     seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, operating_point=a.operating_point,
+                     positive=a.positive, overwrite=a.overwrite, finetune_max_labels=a.finetune_max_labels,
                      progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a))
     except MedclError as e:
         print(f"medcl {a.command}: error: {e}", file=sys.stderr)

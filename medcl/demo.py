@@ -47,12 +47,12 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
     summary = {"dims": dims, "n_scans": n, "test_auc": m["test"]["auc"], "test_auc_ci95": m["test"]["auc_ci95"],
                "control_test_auc": c["test"]["auc"], "control_test_auc_ci95": c["test"]["auc_ci95"],
                "gain_over_control": gain, "test_accuracy": m["test"]["accuracy"],
-               "n_labeled_train": m["n_labeled_train"], "seconds": round(time.perf_counter() - t0, 1)}
+               "n_labeled": m["n_labeled"], "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "demo.json", summary)
     lo, hi = m["test"]["auc_ci95"]
     clo, chi = c["test"]["auc_ci95"]
     log("")
-    log(f"demo finished in {summary['seconds']:.0f}s (healthy vs lesion phantoms, {m['n_labeled_train']} labeled "
+    log(f"demo finished in {summary['seconds']:.0f}s (healthy vs lesion phantoms, {m['n_labeled']} labeled "
         f"training scans, {m['test']['n']} test scans):")
     log(f"  pretrained encoder + linear probe:          test AUC {m['test']['auc']:.3f} [95% CI {lo:.3f}-{hi:.3f}]")
     log(f"  random-init encoder + the same probe:       test AUC {c['test']['auc']:.3f} [95% CI {clo:.3f}-{chi:.3f}]")

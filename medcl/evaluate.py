@@ -18,13 +18,15 @@ import numpy as np
 
 from . import tensorboard as tb
 from .encoders import Encoder, load_encoder
-from .finetune import budget_rows, load_labeled, run_head, write_splits
-from .metrics import bootstrap_ci, mean_ci, score, youden_threshold
+from .errors import MedclError
+from .finetune import budget_rows, choose_threshold, load_labeled, run_head, write_splits
+from .metrics import bootstrap_ci, mean_ci, parse_operating_point, score
 from .progress import eta_text, progress_mode
 from .runs import prepare_out_dir, write_json
 from .train import encode, pick_device, seed_everything
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
+DEFAULT_HEADS = ("knn", "linear", "spread", "selftrain")
 METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
 
 
@@ -40,9 +42,18 @@ def _budgets(fractions, per_class):
 
 
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
-             heads=("knn", "linear", "mlp"), baseline: str = "finetune", epochs: int = 30, val_labels: str = "budget",
-             positive=None, overwrite=False, device="auto", baseline_max_fraction: float = 1.0, progress=True,
+             heads=DEFAULT_HEADS, baseline: str = "finetune", epochs: int = 30, operating_point: str = "youden",
+             positive=None, overwrite=False, device="auto", finetune_max_labels: int | None = None, progress=True,
              log=print, negative=None, multiclass=False, select=None) -> list:
+    from .heads import FEATURE_HEADS, HEADS
+
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise MedclError(f"--heads {' '.join(unknown)}: unknown; choose from {', '.join(HEADS)}")
+    try:
+        parse_operating_point(operating_point)
+    except ValueError as e:
+        raise MedclError(str(e)) from None
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -52,12 +63,12 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                       negative=negative, multiclass=multiclass, select=select)
     write_splits(ld, out / "splits.csv")
     encoder = encoder.to(dev)
-    log(f"encoding {len(ld.scans)} labeled scans with the pretrained encoder, and with the same network at random "
-        f"weights (the control)")
+    log(f"encoding {len(ld.scans)} scans with the pretrained encoder, and with the same network at random weights "
+        f"(the control)")
     feats = encode(encoder, ld.scans, dev)
     seed_everything(0)
     control_feats = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev)
-    feature_heads = [h for h in heads if h != "finetune"]
+    feature_heads = [h for h in heads if h in FEATURE_HEADS]
     budgets = _budgets(fractions, per_class)
     rows = []
     plan = [(b, s) for b in budgets for s in range(seeds)]
@@ -65,61 +76,67 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     inner = progress if progress_mode(progress) == "bar" else False  # lines mode: one line per run, not per epoch
     t_runs = time.perf_counter()
     for i, ((kind, value), seed) in enumerate(plan, 1):
-        tr, va, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
-                                 seed, val_labels)
+        lab, pool, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
+                                    seed)
         # the protocol's promise, checked on every run: test rows never train or select anything
-        assert not (set(tr.tolist()) | set(va.tolist())) & set(te.tolist())
-        subset = hashlib.sha256(np.concatenate([tr, [-1], va]).astype(np.int64).tobytes()).hexdigest()[:12]
-        runs = [("pretrained", h) for h in heads] + [("random-init", h) for h in feature_heads]
-        if baseline == "finetune" and (kind != "fraction" or value <= baseline_max_fraction):
+        assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist())
+        subset = hashlib.sha256(lab.astype(np.int64).tobytes()).hexdigest()[:12]
+        # training the network is the slow part on a CPU: finetune_max_labels skips it above that many labels
+        train_net = finetune_max_labels is None or len(lab) <= finetune_max_labels
+        runs = ([("pretrained", h) for h in heads if train_net or h != "finetune"] +
+                [("random-init", h) for h in feature_heads])
+        if baseline == "finetune" and train_net:
             runs.append(("scratch", "finetune"))
         for enc_name, head in runs:
             t1 = time.perf_counter()
             if enc_name == "scratch":
                 seed_everything(seed)
                 enc = Encoder(**encoder.spec).to(dev)
-                pva, pte, info, _ = run_head(head, enc, ld, tr, va, te, dev, seed, epochs=epochs, progress=inner)
+                fit, pte = run_head(head, enc, ld, lab, pool, te, dev, seed, epochs=epochs, pretrained=False,
+                                    progress=inner)
             else:
-                pva, pte, info, _ = run_head(head, encoder, ld, tr, va, te, dev, seed,
-                                             features=feats if enc_name == "pretrained" else control_feats,
-                                             epochs=epochs, progress=inner)
-            binary = pte.shape[1] == 2
-            thr = youden_threshold(ld.y[va], pva[:, 1]) if binary else 0.5
+                fit, pte = run_head(head, encoder, ld, lab, pool, te, dev, seed,
+                                    features=feats if enc_name == "pretrained" else control_feats, epochs=epochs,
+                                    progress=inner)
+            thr, _, expected = choose_threshold(ld, lab, fit, operating_point)
             m = score(ld.y[te], pte, thr)
-            row = {"budget_kind": kind, "budget": value, "n_labeled_train": len(tr), "n_labeled_val": len(va),
-                   "n_test": len(te), "seed": seed, "subset": subset, "encoder": enc_name, "head": head, "threshold": round(thr, 4),
-                   **{k: m.get(k, float("nan")) for k in METRICS}, "seconds": round(time.perf_counter() - t1, 1)}
+            row = {"budget_kind": kind, "budget": value, "n_labeled": len(lab), "n_unlabeled": len(pool),
+                   "n_test": len(te), "seed": seed, "subset": subset, "encoder": enc_name, "head": head,
+                   "threshold": round(thr, 4), **{k: m.get(k, float("nan")) for k in METRICS},
+                   "expected_sensitivity": expected.get("sensitivity", float("nan")),
+                   "expected_specificity": expected.get("specificity", float("nan")),
+                   "seconds": round(time.perf_counter() - t1, 1)}
             if seeds == 1:
                 lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
                 row["auc_boot_lo"], row["auc_boot_hi"] = lo, hi
             rows.append(row)
             tag = f"{enc_name}_{head}"
-            tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(tr),
+            tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(lab),
                            f"eval_{kind}/{tag}/seed{seed}/")
-        log(f"[{i}/{len(plan)}] {kind}={value} seed={seed} ({len(tr)} labels): " +
+        log(f"[{i}/{len(plan)}] {kind}={value} seed={seed} ({len(lab)} labels): " +
             ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]) +
             f" | {eta_text(i, len(plan), time.perf_counter() - t_runs)}")
     _write_csv(rows, out / "results.csv")
     summary = summarize(rows)
     gain = gains_over_best_control(rows, summary)
     for g in gain:
-        tb.log_scalars(writer, {"auc_gain_over_best_control": g["gain_mean"]}, int(round(g["n_labeled_train"])),
+        tb.log_scalars(writer, {"auc_gain_over_best_control": g["gain_mean"]}, int(round(g["n_labeled"])),
                        f"gain_{g['budget_kind']}/")
-    (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, val_labels) + "\n" +
+    (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, operating_point) + "\n" +
                                     gain_markdown(gain))
     learning_curve(summary, out / "learning_curve.png")
     for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
         sub = tb.open_writer(out / "tb" / "hparams" / f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}")
         tb.log_hparams(sub, {"encoder": s["encoder"], "head": s["head"], "budget_kind": s["budget_kind"],
-                             "budget": s["budget"], "n_labeled": s["n_labeled_train"], "seeds": s["n_seeds"]},
+                             "budget": s["budget"], "n_labeled": s["n_labeled"], "seeds": s["n_seeds"]},
                        {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"], "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
         sub.close()
     writer.close()
     write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
-                                                   "heads": list(heads), "baseline": baseline, "val_labels": val_labels,
-                                                   "splits": ld.split_source, "gain_over_best_control": gain,
+                                       "heads": list(heads), "baseline": baseline, "operating_point": operating_point,
+                                       "splits": ld.split_source, "gain_over_best_control": gain,
                                        "seconds": round(time.perf_counter() - t0)})
-    log(summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=True))
+    log(summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=True))
     log(gain_markdown(gain))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
     return rows
@@ -147,7 +164,7 @@ def gains_over_best_control(rows, summary) -> list:
         a, b = by_seed(best), by_seed(rival)
         diffs = [a[k] - b[k] for k in sorted(set(a) & set(b))]
         mean, sd, half = mean_ci(diffs)
-        out.append({"budget_kind": kind, "budget": budget, "n_labeled_train": best["n_labeled_train"],
+        out.append({"budget_kind": kind, "budget": budget, "n_labeled": best["n_labeled"],
                     "best": f"{best['encoder']}/{best['head']}", "best_auc": best["auc_mean"],
                     "control": f"{rival['encoder']}/{rival['head']}", "control_auc": rival["auc_mean"],
                     "gain_mean": mean, "gain_sd": sd, "gain_ci95": half, "n_seeds": len(diffs)})
@@ -163,7 +180,7 @@ def gain_markdown(gain) -> str:
         b = f"{g['budget']:.0%}" if g["budget_kind"] == "fraction" else f"{g['budget']}/class"
         iv = (f" [{g['gain_mean'] - g['gain_ci95']:+.3f} to {g['gain_mean'] + g['gain_ci95']:+.3f}]"
               if np.isfinite(g["gain_ci95"]) else "")
-        lines.append(f"| {b} | {g['n_labeled_train']:.0f} | {g['best']} | {g['best_auc']:.3f} | {g['control']} | "
+        lines.append(f"| {b} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | {g['control']} | "
                      f"{g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv}{' †' if g['n_seeds'] < 3 else ''} |")
     return "\n".join(lines) + "\n"
 
@@ -183,7 +200,7 @@ def summarize(rows) -> list:
     out = []
     for (kind, budget, enc, head), rs in groups.items():
         s = {"budget_kind": kind, "budget": budget, "encoder": enc, "head": head, "n_seeds": len(rs),
-             "n_labeled_train": float(np.mean([r["n_labeled_train"] for r in rs]))}
+             "n_labeled": float(np.mean([r["n_labeled"] for r in rs]))}
         for k in METRICS:
             mean, sd, half = mean_ci([r[k] for r in rs])
             s[f"{k}_mean"], s[f"{k}_sd"], s[f"{k}_ci95"] = mean, sd, half
@@ -193,14 +210,16 @@ def summarize(rows) -> list:
     return out
 
 
-def summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=False) -> str:
+def summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=False) -> str:
     lines = []
     if not short:
         lines += ["# Few-label evaluation", "",
                   f"- encoder: `{checkpoint}`; data: {len(ld.scans)} labeled scans, splits {ld.split_source}; "
                   f"test n = {(ld.split == 'test').sum()}",
-                  f"- {seeds} random labeled subsets per budget (stratified, from the train split only); validation "
-                  f"labels: {val_labels}; threshold for accuracy/sensitivity/specificity: Youden J on validation",
+                  f"- {seeds} random labeled subsets per budget (stratified, from the non-test scans; the rest of them "
+                  f"are the unlabeled pool of the semi-supervised heads); hyperparameters and the threshold for "
+                  f"accuracy/sensitivity/specificity ({operating_point}) come from cross-validation inside the "
+                  f"labeled scans (out-of-fold predictions); the test split is only ever predicted",
                   "- encoders: `pretrained`; controls on the same subsets: `random-init` (the same network with random "
                   "weights and the same heads) and `scratch` (the network trained end to end from random weights)",
                   "- cells: mean ± sd over seeds [95% t-interval of the mean, clipped to 0-1]; with one seed, a bootstrap "
@@ -223,7 +242,7 @@ def summary_markdown(summary, ld, checkpoint, seeds, val_labels, short=False) ->
     order = {"pretrained": 0, "random-init": 1, "scratch": 2}
     for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], order.get(s["encoder"], 3), s["head"])):
         b = f"{s['budget']:.0%}" if s["budget_kind"] == "fraction" else f"{s['budget']}/class"
-        lines.append(f"| {b} | {s['n_labeled_train']:.0f} | {s['encoder']} | {s['head']} | {cell(s, 'auc')} | "
+        lines.append(f"| {b} | {s['n_labeled']:.0f} | {s['encoder']} | {s['head']} | {cell(s, 'auc')} | "
                      f"{cell(s, 'balanced_accuracy')} | {cell(s, 'sensitivity')} | {cell(s, 'specificity')} |")
     return "\n".join(lines) + "\n"
 
@@ -237,8 +256,8 @@ def learning_curve(summary, path: Path) -> None:
     for s in summary:
         series.setdefault((s["encoder"], s["head"]), []).append(s)
     for (enc, head), ss in sorted(series.items()):
-        ss = sorted(ss, key=lambda s: s["n_labeled_train"])
-        x = np.array([s["n_labeled_train"] for s in ss])
+        ss = sorted(ss, key=lambda s: s["n_labeled"])
+        x = np.array([s["n_labeled"] for s in ss])
         y = np.array([s["auc_mean"] for s in ss])
         h = np.nan_to_num(np.array([s["auc_ci95"] for s in ss]))
         ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}")

@@ -1,29 +1,26 @@
 """Few-label fine-tuning: labeled data and splits, heads (linear probe, kNN, MLP, full fine-tune), one run's outputs."""
 from __future__ import annotations
 
-import copy
 import csv
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
+from . import heads
 from . import tensorboard as tb
-from .config import MedclConfig, ViewsConfig
+from .config import MedclConfig
 from .data.cache import ScanSet, build_cache, write_skipped
 from .data.discover import open_source
 from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
 from .encoders import Encoder, atomic_save, build_encoder, load_encoder
 from .errors import LabelsError, MedclError
-from .metrics import bootstrap_ci, score, youden_threshold
-from .progress import Progress
+from .heads import Classifier
+from .metrics import bootstrap_ci, operating_threshold, parse_operating_point, score
 from .runs import prepare_out_dir, write_json
 from .train import encode, pick_device, seed_everything
-from .views import BatchedViews
 
 CLASSIFIER_FORMAT = "medcl-classifier-v1"
 
@@ -103,14 +100,13 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
     return LabeledData(scans, table, y, split, groups, how)
 
 
-def write_splits(ld: LabeledData, path: Path, train_idx=None, val_idx=None) -> None:
-    """splits.csv: every labeled scan's split and, for one classifier, its role: trained_on (its labels were used),
-    validated_on (chose the model and threshold), test, or unlabeled (a train/val scan outside the label budget)."""
+def write_splits(ld: LabeledData, path: Path, train_idx=None) -> None:
+    """splits.csv: every labeled scan's split and, for one classifier, its role: trained_on (its label was used, to
+    fit and, by cross-validation, to choose the model and threshold), test, or unlabeled (a non-test scan outside the
+    label budget, which semi-supervised heads use without its label)."""
     role = np.where(ld.split == "test", "test", "unlabeled").astype(object)
     if train_idx is not None:
         role[np.asarray(train_idx, dtype=int)] = "trained_on"
-    if val_idx is not None:
-        role[np.asarray(val_idx, dtype=int)] = "validated_on"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "patient", "split"] + (["role"] if train_idx is not None else []))
@@ -124,193 +120,61 @@ def read_splits(path: Path) -> dict:
         return {r["path"]: (r.get("split") or "", r.get("role") or "") for r in csv.DictReader(f)}
 
 
-# ---- heads on frozen features ------------------------------------------------------------------------------------
+# ---- one run: labeled rows, unlabeled pool, test rows; one head; its operating threshold ----------------------
 
-def _auc_or_acc(y, proba):
-    m = score(y, proba)
-    return m["auc"] if np.isfinite(m["auc"]) else m["accuracy"]
-
-
-def fit_linear_probe(ftr, ytr, fva, yva, n_classes: int, seed: int = 0):
-    """Logistic regression on standardised frozen features, class-balanced; C chosen on validation AUC.
-    Returns (predict_proba, info) where info holds the equivalent linear layer on raw features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(ftr)
-    xtr, xva = scaler.transform(ftr), scaler.transform(fva)
-    best = None
-    for c in (1e-3, 1e-2, 1e-1, 1.0, 10.0):
-        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed).fit(xtr, ytr)
-        s = _auc_or_acc(yva, _full_proba(clf, xva, n_classes)) if len(np.unique(yva)) > 1 else -abs(np.log10(c))
-        if best is None or s > best[0]:
-            best = (s, c, clf)
-    _, c, clf = best
-    w = clf.coef_ / scaler.scale_
-    b = clf.intercept_ - (clf.coef_ * scaler.mean_ / scaler.scale_).sum(1)
-    if w.shape[0] == 1:  # binary: logits [0, w.x + b]
-        w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])
-    return (lambda f: _full_proba(clf, scaler.transform(f), n_classes)), {"C": c, "weight": w, "bias": b}
-
-
-def _full_proba(clf, x, n_classes):
-    p = clf.predict_proba(x)
-    if p.shape[1] == n_classes:
-        return p
-    out = np.zeros((len(x), n_classes))
-    out[:, clf.classes_] = p
-    return out
-
-
-def fit_knn(ftr, ytr, fva, yva, n_classes: int, seed: int = 0):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    def norm(f):
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-
-    best = None
-    for k in (1, 5, 10, 20):
-        if k > len(ytr):
-            continue
-        clf = KNeighborsClassifier(n_neighbors=k, weights="distance", metric="cosine").fit(norm(ftr), ytr)
-        s = _auc_or_acc(yva, _full_proba(clf, norm(fva), n_classes)) if len(np.unique(yva)) > 1 else -k
-        if best is None or s > best[0]:
-            best = (s, k, clf)
-    _, k, clf = best
-    return (lambda f: _full_proba(clf, norm(f), n_classes)), {"k": k}
-
-
-def fit_mlp(ftr, ytr, fva, yva, n_classes: int, seed: int = 0):
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(ftr)
-    # balance classes by resampling the (small) labeled set: MLPClassifier has no class weights
-    rng = np.random.default_rng(seed)
-    counts = np.bincount(ytr, minlength=n_classes)
-    idx = np.concatenate([rng.choice(np.flatnonzero(ytr == c), counts.max(), replace=True)
-                          for c in range(n_classes) if counts[c] > 0])
-    best = None
-    for alpha in (1e-3, 1e-1, 1.0):
-        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=200, early_stopping=False,
-                            random_state=seed).fit(scaler.transform(ftr[idx]), ytr[idx])
-        s = _auc_or_acc(yva, _full_proba(clf, scaler.transform(fva), n_classes)) if len(np.unique(yva)) > 1 else -alpha
-        if best is None or s > best[0]:
-            best = (s, alpha, clf)
-    _, alpha, clf = best
-    return (lambda f: _full_proba(clf, scaler.transform(f), n_classes)), {"alpha": alpha}
-
-
-FEATURE_HEADS = {"linear": fit_linear_probe, "knn": fit_knn, "mlp": fit_mlp}
-
-
-# ---- full fine-tuning ------------------------------------------------------------------------------------------
-
-class Classifier(nn.Module):
-    def __init__(self, encoder: Encoder, n_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.feat_dim, n_classes)
-
-    def forward(self, x):
-        return self.head(self.encoder(x))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, scans, idx, device, batch_size=256) -> np.ndarray:
-    model.eval()
-    out = []
-    for s in range(0, len(idx), batch_size):
-        x = torch.as_tensor(scans.batch(idx[s:s + batch_size])).to(device)
-        out.append(torch.softmax(model(x).float(), 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 2))
-
-
-def train_finetune(encoder, ld: LabeledData, train_idx, val_idx, device, seed=0, epochs=30, batch_size=32,
-                   lr=1e-4, patience=8, progress=True, log=print):
-    """End-to-end training of encoder + linear head with light augmentation, class-weighted loss, and early
-    stopping on validation AUC (the best epoch's weights are kept)."""
-    seed_everything(seed)
-    n_classes = ld.n_classes
-    model = Classifier(copy.deepcopy(encoder), n_classes).to(device)
-    dims = ld.scans.images.ndim - 2
-    size = ld.scans.images.shape[-1]
-    aug = BatchedViews(ViewsConfig(crop_scale=(0.7, 1.0), rotate_deg=10, noise_std=0.02, blur_prob=0.0,
-                                   gamma=(0.8, 1.25)), dims, size)
-    ytr = ld.y[train_idx]
-    counts = np.bincount(ytr, minlength=n_classes).astype(float)
-    weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / n_classes, dtype=torch.float32, device=device)
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
-                             {"params": model.head.parameters(), "lr": lr * 10}], weight_decay=1e-4)
-    g = torch.Generator(device=device).manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    best = (-np.inf, None, 0)
-    bs = min(batch_size, len(train_idx))
-    steps = max(1, math.ceil(len(train_idx) / bs))
-    bar = Progress(epochs, "fine-tune epoch", progress)
-    for ep in range(epochs):
-        model.train()
-        order = rng.permutation(train_idx)
-        for s in range(steps):
-            b = order[s * bs:(s + 1) * bs]
-            if len(b) < 2:
-                continue
-            x = aug(torch.as_tensor(ld.scans.batch(b)).to(device), g)
-            loss = nn.functional.cross_entropy(model(x), torch.as_tensor(ld.y[b], device=device), weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        pv = predict(model, ld.scans, val_idx, device)
-        s = _auc_or_acc(ld.y[val_idx], pv) if len(np.unique(ld.y[val_idx])) > 1 else -loss.item()
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{s:.3f}")
-        bar.update()
-        if s > best[0]:
-            best = (s, copy.deepcopy(model.state_dict()), ep)
-        elif ep - best[2] >= patience:
-            break
-    bar.close()
-    model.load_state_dict(best[1])
-    return model, {"best_epoch": best[2] + 1, "val_score": float(best[0])}
-
-
-# ---- one run ---------------------------------------------------------------------------------------------------
-
-def run_head(head: str, encoder, ld: LabeledData, train_idx, val_idx, test_idx, device, seed: int,
-             features=None, epochs=30, progress=True, log=print):
-    """Train one head on the labeled rows; return (val_proba, test_proba, info, classifier module or None)."""
-    if head in FEATURE_HEADS:
-        f = features if features is not None else encode(encoder, ld.scans, device)
-        fit = FEATURE_HEADS[head]
-        proba_fn, info = fit(f[train_idx], ld.y[train_idx], f[val_idx], ld.y[val_idx], ld.n_classes, seed)
-        clf = None
-        if head == "linear":
-            clf = Classifier(encoder, ld.n_classes)
-            clf.head.weight.data = torch.tensor(info.pop("weight"), dtype=torch.float32)
-            clf.head.bias.data = torch.tensor(info.pop("bias"), dtype=torch.float32)
-        return proba_fn(f[val_idx]), proba_fn(f[test_idx]), info, clf
-    if head == "finetune":
-        model, info = train_finetune(encoder, ld, train_idx, val_idx, device, seed=seed, epochs=epochs,
-                                     progress=progress, log=log)
-        return predict(model, ld.scans, val_idx, device), predict(model, ld.scans, test_idx, device), info, model.cpu()
-    raise MedclError(f"unknown head '{head}' (choose linear, knn, mlp or finetune)")
-
-
-def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, seed=0, val_labels="budget"):
-    tr_all = np.flatnonzero(ld.split == "train")
-    va_all = np.flatnonzero(ld.split == "val")
+def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, seed=0):
+    """(labeled, unlabeled, test) row indices. The label budget is drawn, stratified and reproducible from `seed`,
+    from every non-test scan (at least 2 per class, so cross-validation can choose and threshold); the other
+    non-test scans are the unlabeled pool; test rows are never seen by anything fitted or chosen."""
+    non_test = np.flatnonzero(ld.split != "test")
     if label_fraction is None and labels_per_class is None:
         label_fraction = 1.0
     if label_fraction is not None and not (0 < label_fraction <= 1):
         raise LabelsError(f"--label-fraction {label_fraction}: must be in (0, 1].")
-    tr = select_budget(ld.y, tr_all, label_fraction, labels_per_class, seed)
-    if val_labels == "all" or len(va_all) == 0:
-        va = va_all
-    else:  # validation labels cost labels too: the same budget, with at least 2 per class to choose anything
-        va = select_budget(ld.y, va_all, label_fraction, max(2, labels_per_class) if labels_per_class else None,
-                           seed + 7, min_per_class=2, cap=True)
+    if labels_per_class is not None and labels_per_class < 2:
+        raise LabelsError(f"--labels-per-class {labels_per_class}: need at least 2 (one to learn from, one to check).")
+    lab = select_budget(ld.y, non_test, label_fraction, labels_per_class, seed, min_per_class=2)
+    pool = np.setdiff1d(non_test, lab)
     te = np.flatnonzero(ld.split == "test")
-    assert not (set(tr) | set(va)) & set(te), "test rows leaked into training/selection"
-    return tr, va, te
+    assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist()), "test rows leaked into training"
+    return lab, pool, te
+
+
+def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: int, features=None, epochs=30,
+             pretrained=True, progress=False) -> tuple:
+    """Fit one head on the labeled rows (and the unlabeled pool for semi-supervised heads); returns
+    (HeadFit, test probabilities). Test rows are only ever predicted."""
+    groups = ld.groups if len(set(ld.groups)) < len(ld.groups) else None
+    if head in heads.FEATURE_HEADS:
+        f = features if features is not None else encode(encoder, ld.scans, device)
+        fit = heads.fit_feature_head(head, f, ld.y, lab, pool, groups, ld.n_classes, seed)
+        if head == "linear" and encoder is not None:  # the same probe as a torch module over the encoder: classifier.pt, saliency, predict
+            fit.classifier = heads.Classifier(encoder, ld.n_classes)
+            fit.classifier.head.weight.data = torch.tensor(fit.info.pop("weight"), dtype=torch.float32)
+            fit.classifier.head.bias.data = torch.tensor(fit.info.pop("bias"), dtype=torch.float32)
+        fit.info.pop("weight", None), fit.info.pop("bias", None)
+        return fit, fit.predict(f[te])
+    if head == "finetune":
+        fit = heads.fit_finetune(encoder, ld.scans, ld.y, lab, groups, ld.n_classes, device, seed, epochs,
+                                 pretrained=pretrained, progress=progress)
+        return fit, fit.predict(te)
+    raise MedclError(f"unknown head '{head}' (choose {', '.join(heads.HEADS)})")
+
+
+def choose_threshold(ld: LabeledData, lab, fit: heads.HeadFit, operating_point: str = "youden") -> tuple:
+    """(threshold, rule text, expected {sensitivity, specificity} on the labeled scans' OOF predictions)."""
+    if ld.n_classes != 2:
+        return 0.5, "argmax (multi-class)", {}
+    rule, target = parse_operating_point(operating_point)
+    y, p = ld.y[lab], fit.oof[:, 1]
+    if not np.all(np.isfinite(p)) or len(np.unique(y)) < 2:
+        return 0.5, "0.5: too few labels per class to cross-validate (need 2 per class)", {}
+    thr = operating_threshold(y, p, rule, target)
+    m = score(y, fit.oof, thr)
+    what = "Youden J" if rule == "youden" else f"{rule} >= {target:g}"
+    return thr, (f"{what} on out-of-fold predictions of the {len(lab)} labeled scans "
+                 f"({fit.info.get('folds')}-fold cross-validation)"), \
+        {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"]}
 
 
 def save_classifier(model: Classifier, spec: dict, extra: dict, class_names, threshold, path: Path) -> None:
@@ -335,46 +199,53 @@ def load_classifier(path) -> tuple[Classifier, dict]:
 
 
 def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_class=None, mode="probe", seed=0,
-             positive=None, cfg: MedclConfig | None = None, overwrite=False, epochs=30, val_labels="budget",
+             positive=None, cfg: MedclConfig | None = None, overwrite=False, epochs=30, operating_point="youden",
              allow_outside=False, progress=True, log=print, negative=None, multiclass=False, select=None) -> dict:
-    """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict."""
+    """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict.
+
+    mode: probe (linear head on frozen features), finetune (the network end to end), or a head name of
+    medcl.heads.HEADS (e.g. spread, selftrain: semi-supervised heads that also use the unlabeled scans)."""
     cfg = cfg or MedclConfig()
-    if mode not in ("probe", "finetune"):
-        raise MedclError(f"--mode {mode}: choose probe or finetune")
+    head = {"probe": "linear"}.get(mode, mode)
+    if head not in heads.HEADS:
+        raise MedclError(f"--mode {mode}: choose probe, finetune, or a head: {', '.join(heads.HEADS)}")
     if label_fraction is not None and labels_per_class is not None:
         raise MedclError("give either --label-fraction or --labels-per-class, not both.")
+    try:
+        parse_operating_point(operating_point)
+    except ValueError as e:
+        raise MedclError(str(e)) from None
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="metrics.json")
     t0 = time.perf_counter()
     device = pick_device(cfg.train.device)
     encoder, settings, ck = load_encoder_or_scratch(checkpoint, cfg)
-    if ck == "none" and mode == "probe":
-        log("note: --checkpoint none --mode probe is the random-init control (random features, the same probe): "
-            "what a pretrained probe must beat; --mode finetune trains the network from scratch instead")
+    if ck == "none" and head != "finetune":
+        log(f"note: --checkpoint none with a frozen-feature head ({head}) is the random-init control (random "
+            "features, the same head): what a pretrained encoder must beat; --mode finetune trains the network "
+            "from scratch instead")
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, allow_outside=allow_outside,
                       progress=progress, log=log, negative=negative, multiclass=multiclass, select=select)
-    tr, va, te = budget_rows(ld, label_fraction, labels_per_class, seed, val_labels)
-    write_splits(ld, out / "splits.csv", tr, va)
-    log(f"{len(ld.scans)} labeled scans (splits {ld.split_source}): train {len(tr)} of {(ld.split == 'train').sum()} "
-        f"labeled, val {len(va)}, test {len(te)}; positive class: {ld.table.class_names()[-1] if ld.table.binary else 'multi-class'}")
+    lab, pool, te = budget_rows(ld, label_fraction, labels_per_class, seed)
+    write_splits(ld, out / "splits.csv", lab)
+    log(f"{len(ld.scans)} labeled scans (splits {ld.split_source}): {len(lab)} labels used of "
+        f"{(ld.split != 'test').sum()} non-test scans ({len(pool)} unlabeled), test {len(te)}; positive class: "
+        f"{ld.table.class_names()[-1] if ld.table.binary else 'multi-class'}")
     encoder = encoder.to(device)
-    head = "linear" if mode == "probe" else "finetune"
-    pva, pte, info, clf = run_head(head, encoder, ld, tr, va, te, device, seed, epochs=epochs, progress=progress, log=log)
+    fit, pte = run_head(head, encoder, ld, lab, pool, te, device, seed, epochs=epochs, pretrained=ck != "none",
+                        progress=progress)
     binary = pte.shape[1] == 2
-    thr = youden_threshold(ld.y[va], pva[:, 1]) if binary else 0.5
+    thr, rule, expected = choose_threshold(ld, lab, fit, operating_point)
     test = score(ld.y[te], pte, thr)
-    val = score(ld.y[va], pva, thr) if len(np.unique(ld.y[va])) > 1 else {}
     lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
     test["auc_ci95"] = [lo, hi]
-    metrics = {"test": test, "val": val, "n_labeled_train": int(len(tr)), "n_labeled_val": int(len(va)),
+    metrics = {"test": test, "n_labeled": int(len(lab)), "n_unlabeled": int(len(pool)),
                "label_fraction": label_fraction if label_fraction is not None else (None if labels_per_class else 1.0),
                "labels_per_class": labels_per_class, "seed": seed,
                "positive_class": "/".join(ld.table.positive) if binary else None,
-               "classes": ld.table.class_names(), "mode": mode, "head": head, "head_info": info,
-               "threshold": thr, "threshold_rule": ("argmax" if not binary else "Youden J on validation"
-                                                     if len(np.unique(ld.y[va])) > 1 else
-                                                     "0.5: the validation labels hold one class"),
-               "checkpoint": ck, "splits": ld.split_source, "n_skipped": len(ld.scans.skipped),
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "classes": ld.table.class_names(), "mode": mode, "head": head, "head_info": fit.info,
+               "operating_point": operating_point, "threshold": thr, "threshold_rule": rule,
+               "expected_at_threshold": expected, "checkpoint": ck, "splits": ld.split_source,
+               "n_skipped": len(ld.scans.skipped), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "metrics.json", metrics)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -383,8 +254,9 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         for i, p in zip(te, pte):
             pred = int(p[1] >= thr) if binary else int(p.argmax())
             w.writerow([ld.scans.records[i].key, ld.table.labels[i], int(ld.y[i])] + [f"{v:.6f}" for v in p] + [names[pred]])
-    if clf is not None:
-        save_classifier(clf, encoder.spec, {"data": settings}, ld.table.class_names(), thr, out / "classifier.pt")
+    if fit.classifier is not None:
+        save_classifier(fit.classifier, encoder.spec, {"data": settings}, ld.table.class_names(), thr,
+                        out / "classifier.pt")
     writer = tb.open_writer(out / "tb")
     try:
         from .report import log_evaluation
@@ -392,9 +264,11 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         log_evaluation(writer, ld, te, pte, thr, metrics)
     finally:
         writer.close()
+    log(f"threshold {thr:.4f}: {rule}" + (f"; expected sensitivity {expected['sensitivity']:.3f}, specificity "
+                                         f"{expected['specificity']:.3f}" if expected else ""))
     log(f"test ({len(te)} scans): AUC {test['auc']:.3f} [95% CI {lo:.3f}-{hi:.3f}], accuracy {test['accuracy']:.3f}, "
         f"balanced accuracy {test['balanced_accuracy']:.3f}" +
         (f", sensitivity {test['sensitivity']:.3f}, specificity {test['specificity']:.3f}" if binary else ""))
     log(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'}, {out / 'splits.csv'}"
-        f"{', ' + str(out / 'classifier.pt') if clf is not None else ''}, TensorBoard events in {out / 'tb'}")
+        f"{', ' + str(out / 'classifier.pt') if fit.classifier is not None else ''}, TensorBoard events in {out / 'tb'}")
     return metrics

@@ -20,6 +20,40 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return max(t, 0.0)
 
 
+def parse_operating_point(text: str | None) -> tuple:
+    """'youden' | 'sensitivity=0.95' | 'specificity=0.9' -> (rule, target). Raises ValueError with what is allowed."""
+    text = (text or "youden").strip().lower()
+    if text == "youden":
+        return "youden", None
+    rule, _, value = text.partition("=")
+    try:
+        target = float(value)
+    except ValueError:
+        target = -1.0
+    if rule not in ("sensitivity", "specificity") or not 0 < target <= 1:
+        raise ValueError(f"--operating-point {text!r}: use youden, sensitivity=X or specificity=X with X in (0, 1], "
+                         f"e.g. sensitivity=0.95")
+    return rule, target
+
+
+def operating_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden", target: float | None = None) -> float:
+    """The decision threshold on scores `p` (out-of-fold predictions of the labeled scans) for an operating point:
+    Youden's J, or the highest threshold whose sensitivity reaches `target` (the most specific such point), or the
+    lowest threshold whose specificity reaches `target` (the most sensitive such point)."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=float)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    if rule == "youden":
+        return youden_threshold(y, p)
+    if rule == "sensitivity":  # call positive every score >= t: t = the score below which (1 - target) positives lie
+        pos = np.sort(p[y == 1])
+        k = int(np.floor((1 - target) * len(pos) + 1e-9))
+        return float(pos[min(k, len(pos) - 1)])
+    neg = np.sort(p[y == 0])  # specificity: at least `target` of negatives strictly below t
+    k = int(np.ceil(target * len(neg) - 1e-9))
+    return float(np.nextafter(neg[k - 1], np.inf)) if k >= 1 else float(neg[0])
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict:
     y = np.asarray(y).astype(int)
     pred = (np.asarray(p) >= threshold).astype(int)

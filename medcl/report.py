@@ -113,7 +113,7 @@ def log_evaluation(writer, ld, test_idx, proba, threshold, metrics) -> None:
     rep = classification_report(y, proba.argmax(1) if proba.shape[1] > 2 else (proba[:, 1] >= threshold).astype(int),
                                 labels=list(range(len(names))), target_names=names, zero_division=0)
     tb.log_text(writer, "test/per_class", "```\n" + rep + "\n```")
-    hp = {"mode": metrics["mode"], "seed": metrics["seed"], "n_labeled_train": metrics["n_labeled_train"],
+    hp = {"mode": metrics["mode"], "seed": metrics["seed"], "n_labeled": metrics["n_labeled"],
           "label_fraction": metrics["label_fraction"] if metrics["label_fraction"] is not None else -1,
           "labels_per_class": metrics["labels_per_class"] or -1, "checkpoint": metrics["checkpoint"]}
     tb.log_hparams(writer, hp, {k: test[k] for k in ("auc", "accuracy", "balanced_accuracy") if k in test})

@@ -50,7 +50,8 @@ def test_pretrain_finetune_embed(tmp_path, phantoms2d, phantoms3d, dims, size):
     m = json.loads((ft / "metrics.json").read_text())
     for k in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "n"):
         assert k in m["test"]
-    for k in ("n_labeled_train", "label_fraction", "seed", "positive_class", "mode"):
+    for k in ("n_labeled", "n_unlabeled", "label_fraction", "seed", "positive_class", "mode", "threshold_rule",
+              "expected_at_threshold", "operating_point"):
         assert k in m
     assert m["positive_class"] == "diseased" and m["mode"] == "probe"
     assert (ft / "predictions.csv").read_text().count("\n") == m["test"]["n"] + 1
@@ -71,7 +72,8 @@ def test_finetune_from_scratch_baseline_and_full_mode(tmp_path, phantoms2d):
     medcl("finetune", "--checkpoint", "none", "--data", phantoms2d, "--labels", phantoms2d / "labels.csv", "--out", ft,
           "--mode", "finetune", "--labels-per-class", 4, "--epochs", 2, "--set", "data.size=24", *TINY)
     m = json.loads((ft / "metrics.json").read_text())
-    assert m["checkpoint"] == "none" and m["mode"] == "finetune" and m["n_labeled_train"] == 8
+    assert m["checkpoint"] == "none" and m["mode"] == "finetune" and m["n_labeled"] == 8
+    assert m["head_info"]["encoder_lr_ratio"] == 1.0 and m["head_info"]["folds"] == 3
     assert torch.load(ft / "classifier.pt", weights_only=True)["format"] == "medcl-classifier-v1"
 
 

@@ -43,9 +43,10 @@ def test_budget_rows_never_touch_test_and_keep_patients_and_classes(phantoms2d):
         assert len(set(ld.split[ld.groups == p])) == 1
     test = set(np.flatnonzero(ld.split == "test"))
     for seed in range(10):
-        tr, va, te = budget_rows(ld, 0.01, None, seed)
-        assert not (set(tr) | set(va)) & test and set(te) == test
-        assert set(ld.y[tr]) == {0, 1}  # 1% of a tiny train split still has both classes
+        lab, pool, te = budget_rows(ld, 0.01, None, seed)
+        assert not (set(lab) | set(pool)) & test and set(te) == test
+        assert set(lab) | set(pool) | test == set(range(len(ld.y)))  # every non-test scan: labeled or unlabeled
+        assert min(np.bincount(ld.y[lab])) >= 2  # 1% of a tiny split still has 2 per class: CV can threshold
     a = budget_rows(ld, 0.3, None, 5)
     b = budget_rows(ld, 0.3, None, 5)
     assert all((x == y).all() for x, y in zip(a, b))
@@ -74,7 +75,7 @@ def test_evaluate_outputs_on_folders(tmp_path, phantoms2d, phantoms3d, dims):
     # the controls use exactly the labeled subsets the pretrained heads use
     for key in {(r["budget_kind"], r["budget"], r["seed"]) for r in got}:
         same = [r for r in got if (r["budget_kind"], r["budget"], r["seed"]) == key]
-        assert len({r["subset"] for r in same}) == 1 and len({r["n_labeled_train"] for r in same}) == 1
+        assert len({r["subset"] for r in same}) == 1 and len({r["n_labeled"] for r in same}) == 1
     text = (out / "summary.md").read_text()
     assert "| budget |" in text and "## Gain over the best control" in text
 
@@ -85,17 +86,17 @@ def test_evaluate_on_medmnist_npz(tmp_path):
     enc = _tiny_encoder(tmp_path, 2, 28)
     rows = evaluate(enc, npz, None, tmp_path / "ev", per_class=[5], seeds=1, heads=("knn", "linear"),
                     baseline="none", progress=False, log=lambda *a: None)
-    assert {r["n_test"] for r in rows} == {624} and {r["n_labeled_train"] for r in rows} == {10}
+    assert {r["n_test"] for r in rows} == {624} and {r["n_labeled"] for r in rows} == {10}
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows)
 
 
 def test_summary_intervals_stay_in_range_and_flag_few_seeds():
     from medcl.evaluate import summarize, summary_markdown
 
-    rows = [{"budget_kind": "fraction", "budget": 0.1, "encoder": "pretrained", "head": "linear", "n_labeled_train": 9,
+    rows = [{"budget_kind": "fraction", "budget": 0.1, "encoder": "pretrained", "head": "linear", "n_labeled": 9,
              "auc": a, "accuracy": 0.5, "balanced_accuracy": 0.5, "sensitivity": float("nan"), "specificity": 0.5,
              "f1": 0.5} for a in (0.925, 0.769)]  # two seeds: mean 0.847, t-interval ±0.99, past 1 unclipped
-    text = summary_markdown(summarize(rows), None, "x", 2, "budget", short=True)
+    text = summary_markdown(summarize(rows), None, "x", 2, "youden", short=True)
     cell = text.strip().splitlines()[-1].split("|")[5]
     assert "[0.000-1.000] †" in cell and "undefined" in text
 
@@ -113,3 +114,61 @@ def test_a_collapsed_encoder_shows_no_gain_over_the_control(tmp_path, phantoms2d
              seeds=3, heads=("linear",), baseline="none", positive="diseased", progress=False, log=lambda *a: None)
     gain = json.loads((tmp_path / "ev" / "protocol.json").read_text())["gain_over_best_control"]
     assert len(gain) == 1 and gain[0]["control"] == "random-init/linear" and gain[0]["gain_mean"] <= 0
+
+
+@pytest.mark.parametrize("head", ["linear", "knn", "mlp", "spread", "selftrain"])
+def test_heads_never_see_a_test_scan_or_label(head):
+    """Test rows carry NaN features and an impossible label: a head that read either would fail or return NaN."""
+    from medcl.heads import fit_feature_head
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 16
+    y = (rng.random(n) < 0.4).astype(int)
+    f = rng.normal(size=(n, d)) + y[:, None] * 1.5
+    test = np.arange(200, 300)
+    lab, pool = np.r_[0:10, 100:110], np.setdiff1d(np.arange(200), np.r_[0:10, 100:110])
+    y[lab] = np.r_[[0] * 5 + [1] * 5, [0] * 5 + [1] * 5]
+    f_seen, y_seen = f.copy(), y.copy()
+    f_seen[test], y_seen[test] = np.nan, 7
+    fit = fit_feature_head(head, f_seen, y_seen, lab, pool, None, 2, seed=0)
+    assert fit.oof.shape == (len(lab), 2) and np.isfinite(fit.oof).all()
+    p = fit.predict(f[test])  # the only way test scans reach a head
+    assert np.isfinite(p).all() and np.allclose(p.sum(1), 1)
+    if head in ("spread", "selftrain"):
+        assert fit.info["n_unlabeled"] == len(pool)
+
+
+def test_out_of_fold_threshold_ignores_test_scans_and_meets_the_operating_point(phantoms2d):
+    from medcl.finetune import choose_threshold, run_head
+
+    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+                      progress=False)
+    lab, pool, te = budget_rows(ld, None, 6, 0)
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(len(ld.y), 8)) + ld.y[:, None]
+    fit, _ = run_head("linear", None, ld, lab, pool, te, "cpu", 0, features=feats)
+    feats2 = feats.copy()
+    feats2[te] = rng.normal(size=(len(te), 8)) * 100  # other test scans: the threshold must not move
+    fit2, _ = run_head("linear", None, ld, lab, pool, te, "cpu", 0, features=feats2)
+    for op in ("youden", "sensitivity=0.9", "specificity=0.8"):
+        thr, rule, expected = choose_threshold(ld, lab, fit, op)
+        assert thr == choose_threshold(ld, lab, fit2, op)[0]
+        assert "out-of-fold" in rule and np.isfinite(expected["sensitivity"])
+    thr, _, expected = choose_threshold(ld, lab, fit, "sensitivity=0.9")
+    assert expected["sensitivity"] >= 0.9
+
+
+def test_operating_point_parsing_and_thresholds():
+    from medcl.metrics import binary_metrics, operating_threshold, parse_operating_point
+
+    assert parse_operating_point("Sensitivity=0.95") == ("sensitivity", 0.95)
+    with pytest.raises(ValueError, match="sensitivity=X"):
+        parse_operating_point("recall=0.9")
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        y = rng.integers(0, 2, 40)
+        y[:2] = [0, 1]
+        p = rng.random(40) + 0.3 * y
+        for t in (0.5, 0.9, 1.0):
+            assert binary_metrics(y, p, operating_threshold(y, p, "sensitivity", t))["sensitivity"] >= t
+            assert binary_metrics(y, p, operating_threshold(y, p, "specificity", t))["specificity"] >= t
