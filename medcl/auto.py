@@ -62,14 +62,6 @@ def auto_settings(profile: dict, device: str = "cpu") -> dict:
             "train": {"epochs": epochs, "batch_size": batch}}
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Nested {section: {key: value}} merge; `over` wins."""
-    out = {s: dict(v) for s, v in base.items()}
-    for s, v in (over or {}).items():
-        out.setdefault(s, {}).update(v or {})
-    return out
-
-
 def describe_auto(profile: dict, settings: dict, device: str) -> str:
     d, e, t = settings["data"], settings["encoder"], settings["train"]
     what = (f"{profile['n_scans']} {profile['dims']}D scans, native ~{profile['native_size']} px, "

@@ -258,15 +258,16 @@ def _pretrain_config(a, base: dict | None = None):
 
 def _auto_base(a, progress) -> dict:
     """No recipe: settings from the folder's own properties (medcl.auto), printed; typed flags still win."""
-    import torch
-
     from .auto import auto_settings, describe_auto, folder_profile
     from .config import parse_set
 
+    _pretrain_config(a)  # a mistyped --set fails here, before torch is imported
     over = parse_set(a.set)
+    profile = folder_profile(a.data, _selection(a), a.dims or over.get("data", {}).get("dims"))
+    import torch
+
     device = over.get("train", {}).get("device", "auto")
     device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    profile = folder_profile(a.data, _selection(a), a.dims or over.get("data", {}).get("dims"))
     settings = auto_settings(profile, device)
     if progress != "off":
         print(describe_auto(profile, settings, device))

@@ -133,7 +133,10 @@ def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, see
         raise LabelsError(f"--label-fraction {label_fraction}: must be in (0, 1].")
     if labels_per_class is not None and labels_per_class < 2:
         raise LabelsError(f"--labels-per-class {labels_per_class}: need at least 2 (one to learn from, one to check).")
-    lab = select_budget(ld.y, non_test, label_fraction, labels_per_class, seed, min_per_class=2)
+    # a fraction takes at least 2 of each class where there are 2 (a class with 1 cannot be cross-validated: the
+    # threshold rule then says so); an explicit --labels-per-class that a class cannot meet is an error
+    lab = select_budget(ld.y, non_test, label_fraction, labels_per_class, seed, min_per_class=2,
+                        cap=labels_per_class is None)
     pool = np.setdiff1d(non_test, lab)
     te = np.flatnonzero(ld.split == "test")
     assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist()), "test rows leaked into training"
