@@ -1,4 +1,4 @@
-"""Few-label fine-tuning: labeled data and splits, heads (linear probe, kNN, MLP, full fine-tune), one run's outputs."""
+"""Few-label fine-tuning: labeled data and splits, one `medcl finetune` run and its outputs (heads: heads.py)."""
 from __future__ import annotations
 
 import csv
@@ -84,11 +84,7 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
     groups = np.array(table.patients, dtype=object)
     if all(s is not None for s in table.splits):
         split = np.array(table.splits, dtype=object)
-        how = "npz" if source.arrays else "csv"
-        if not (split == "val").any():  # carve a validation split out of train, grouped by patient
-            tr = np.flatnonzero(split == "train")
-            sub = make_splits(y[tr], groups[tr], test_fraction=0.15, val_fraction=1e-9, seed=split_seed)
-            split[tr[sub == "test"]] = "val"
+        how = "npz" if source.arrays else "csv"  # train and val are both non-test: labels are drawn from either
     elif any(s is not None for s in table.splits):
         raise LabelsError("the labels' split column is filled for some rows only; fill it for every row or drop it.")
     else:

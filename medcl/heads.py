@@ -62,6 +62,8 @@ def cv_folds(y: np.ndarray, groups, seed: int, k: int = CV_FOLDS) -> list:
 
 
 def auc_or_accuracy(y, proba) -> float:
+    if not np.all(np.isfinite(proba)):  # a fitter that failed on a fold never wins the choice
+        return -np.inf
     m = score(y, proba)
     return m["auc"] if np.isfinite(m["auc"]) else m["accuracy"]
 
@@ -128,7 +130,15 @@ def _fit_spread(f, y, fu, k, n_classes, seed):
     x = _unit(np.vstack([f, fu]))
     clf = LabelSpreading(kernel="knn", n_neighbors=min(k, len(x) - 1), alpha=0.2, max_iter=100)
     clf.fit(x, np.concatenate([y, -np.ones(len(fu), dtype=int)]))
-    return (lambda q: _full_proba(clf, _unit(q), n_classes)), {"k": k, "n_unlabeled": len(fu)}
+    prior = np.bincount(y, minlength=n_classes) / len(y)
+
+    def predict(q):  # a scan whose neighbours carry no label mass (a component without labels) gets the prior
+        p = np.nan_to_num(_full_proba(clf, _unit(q), n_classes))
+        empty = p.sum(1) <= 0
+        p[empty] = prior
+        return p / p.sum(1, keepdims=True)
+
+    return predict, {"k": k, "n_unlabeled": len(fu)}
 
 
 def _fit_selftrain(f, y, fu, c, n_classes, seed, rounds: int = 3, share: float = 0.5):
