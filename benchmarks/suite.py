@@ -106,6 +106,8 @@ def run_dataset(name, a) -> dict | None:
         return None
     ev = out / "eval"
     if a.stage == "all":
+        if ev.is_dir() and not (ev / "results.csv").is_file():  # an interrupted evaluation of this suite: start over
+            shutil.rmtree(ev)
         args = ["evaluate", "--checkpoint", pre, "--data", data, "--out", ev, "--overwrite", "--seeds", a.seeds,
                 *BUDGETS, "--heads", *a.heads, "--epochs", a.epochs, *(["--labels", labels] if labels else []), *task,
                 *(["--finetune-max-labels", a.finetune_max_labels] if a.finetune_max_labels else [])]
