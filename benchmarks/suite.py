@@ -137,6 +137,8 @@ def gain_table(results) -> str:
             ci = g["gain_ci95"]
             iv = f" [{g['gain_mean'] - ci:+.3f}, {g['gain_mean'] + ci:+.3f}]" if ci == ci and ci is not None else ""
             met = "met" if g["gain_mean"] >= target else "not met"
+            if met == "met" and ci == ci and g["gain_mean"] - ci <= 0:
+                met += " by the mean; the interval includes 0"
             lines.append(f"| {r['name']} | {b} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | "
                          f"{g['control']} | {g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv} | +{target:.2f}: {met} |")
     return "\n".join(lines)
@@ -159,7 +161,7 @@ def write_docs(results, machine, command, path: Path) -> None:
     figs = path.parent / "results"
     figs.mkdir(exist_ok=True)
     parts = ["# Few-label results over every dataset we have", "",
-             f"Produced by `{command}` on {machine}; wall time per dataset below. Every number is a test "
+             f"Produced by `{command}` on {machine} (with `--stage report`: collected from the runs whose medcl commands and wall times are listed per dataset). Every number is a test "
              "AUC on the dataset's held-out test split, mean over seeds (a seed = one labeled subset; every row of a "
              "seed uses the same subset). Gains are paired by seed; the interval is the 95% t-interval of the mean "
              "paired difference. Controls: `random-init` (the same network at random weights with the same heads, "
@@ -169,8 +171,10 @@ def write_docs(results, machine, command, path: Path) -> None:
     for r in results:
         t = r["timings"]
         shutil.copy(r["curve"], figs / f"{r['name']}.png")
+        pre_log = Path(r["curve"]).parents[1] / "pretrain.log"
+        pre_cmd = open(pre_log).readline().strip().lstrip("$ ") if pre_log.is_file() else "(reused run)"
         parts += [f"## {r['name']}", "",
-                  f"- pretraining: {r['defaults']}",
+                  f"- pretraining: `{pre_cmd}`; {r['defaults']}",
                   f"- wall time: pretrain {t.get('pretrain_s', float('nan')) / 60:.1f} min, evaluate "
                   f"{t.get('evaluate_s', float('nan')) / 60:.1f} min; `{t.get('evaluate_command', '')}`",
                   f"- published fully supervised reference: {r['anchor']}",
