@@ -62,10 +62,11 @@ def auto_settings(profile: dict, device: str = "cpu") -> dict:
             "train": {"epochs": epochs, "batch_size": batch}}
 
 
-def describe_auto(profile: dict, settings: dict, device: str) -> str:
-    d, e, t = settings["data"], settings["encoder"], settings["train"]
+def describe_auto(profile: dict, cfg, device: str, typed: bool = False) -> str:
+    """The run's first line: what the folder is and the settings the run will use (after any typed flags)."""
     what = (f"{profile['n_scans']} {profile['dims']}D scans, native ~{profile['native_size']} px, "
             f"{'colour' if profile['colour'] else 'grayscale'}")
-    return (f"defaults for this folder ({what}; {device}): size {d['size']}, channels {d['channels']}, "
-            f"{e['name']} x{e['widen_factor']:g} stem {e['stem']}, simclr, batch {t['batch_size']}, "
-            f"{t['epochs']} epochs; set any of them with --set/--epochs/--batch-size, or use a recipe (--config)")
+    return (f"defaults for this folder ({what}; {device}){' with your flags' if typed else ''}: size {cfg.data.size}, "
+            f"channels {cfg.data.channels}, {cfg.encoder.name} x{cfg.encoder.widen_factor:g} stem {cfg.encoder.stem}, "
+            f"{cfg.method.name}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs; set any of them with "
+            f"--set/--epochs/--batch-size, or use a recipe (--config)")

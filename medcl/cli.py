@@ -256,7 +256,7 @@ def _pretrain_config(a, base: dict | None = None):
     return load_config(a.config, over, base=base)
 
 
-def _auto_base(a, progress) -> dict:
+def _auto_base(a) -> dict:
     """No recipe: settings from the folder's own properties (medcl.auto), printed; typed flags still win."""
     from .auto import auto_settings, describe_auto, folder_profile
     from .config import parse_set
@@ -269,8 +269,8 @@ def _auto_base(a, progress) -> dict:
     device = over.get("train", {}).get("device", "auto")
     device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     settings = auto_settings(profile, device)
-    if progress != "off":
-        print(describe_auto(profile, settings, device))
+    typed = bool(a.set or a.dims or a.epochs or a.batch_size or a.seed is not None)
+    print(describe_auto(profile, _pretrain_config(a, settings), device, typed))
     return settings
 
 
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
             # resuming: what the user typed is applied to the saved config, so repeating the original flags is fine
             base = saved_run(saved)[0] if a.resume and saved.is_file() else None
             if base is None and not a.config:
-                base = _auto_base(a, progress)
+                base = _auto_base(a)
             cfg = _pretrain_config(a, base)
             task = dict(negative=a.negative, multiclass=a.multiclass)
             labels = read_labels_csv(a.labels, a.data, a.positive, **task) if a.labels else None

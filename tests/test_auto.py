@@ -33,3 +33,16 @@ def test_settings_follow_the_folder_and_fit_a_cpu():
     # what the user types wins over the defaults
     cfg = load_config(None, {"train": {"epochs": 2}, "data": {"size": 32}}, base=small2d)
     assert cfg.train.epochs == 2 and cfg.data.size == 32 and cfg.data.channels == 1
+
+
+def test_pretrain_without_a_recipe_prints_and_saves_the_folder_defaults(tmp_path, phantoms3d):
+    import yaml
+
+    from test_cli import TINY, medcl
+
+    r = medcl("pretrain", phantoms3d, "--out", tmp_path / "run", "--set", "train.max_steps=1", *TINY)
+    line = r.stdout.splitlines()[0]
+    # no --dims: the folder's volumes make it a 3D run, with the CPU's 3D defaults (flags typed still win)
+    assert line.startswith("defaults for this folder (24 3D scans, native ~24 px") and "with your flags" in line
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["data"]["dims"] == 3 and cfg["encoder"]["stem"] == "standard" and cfg["encoder"]["name"] == "resnet10"
