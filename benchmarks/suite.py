@@ -14,8 +14,9 @@ Writes docs/results.md (tables, learning curves, the command and the wall time p
 Usage:  python benchmarks/suite.py [--out runs/suite] [--datasets pneumoniamnist retinamnist ...] [--seeds 5]
         python benchmarks/suite.py --stage pretrain      # only the pretraining runs (reused when complete)
         python benchmarks/suite.py --stage report        # tables and docs from the runs already in --out
-On 2 CPU cores, `--seeds 3 --finetune-max-labels 20 --epochs 15` keeps it near 30 minutes a dataset (the network
-training rows are the slow part); a GPU runs the defaults.
+On our 2-core CPU, `--seeds 3 --finetune-max-labels 20 --epochs 15` took 21-46 minutes a dataset (pretraining +
+evaluation, with other jobs sharing the cores; docs/results.md); the network training rows are the slow part. The
+defaults (5 seeds, every budget) are meant for a GPU.
 Datasets missing from ../shared/data are skipped with the reason.
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ import numpy as np
 
 from .data.discover import Selection, open_source
 
-# views seen per pretraining run (each scan gives two per epoch): what fits ~10-15 minutes on 2 CPU cores at the
-# default sizes, and ten times that on a GPU. Epochs = views / (2 x scans), within [EPOCHS_MIN, EPOCHS_MAX].
+# views seen per pretraining run (each scan gives two per epoch); on our 2-core CPU, with other jobs sharing it, the
+# CPU budget took 6-25 minutes per dataset of the suite (docs/results.md); a GPU gets ten times the views (not yet
+# measured). Epochs = views / (2 x scans), within [EPOCHS_MIN, EPOCHS_MAX].
 VIEWS_BUDGET = {("cpu", 2): 40_000, ("cpu", 3): 6_000, ("cuda", 2): 400_000, ("cuda", 3): 60_000}
 EPOCHS_MIN, EPOCHS_MAX = 3, 200
 PEEK = 12  # scans read to learn the folder's native size, channels and dimensionality
