@@ -1,6 +1,7 @@
 """medcl: contrastive pretraining of 2D/3D medical scan encoders, few-label evaluation, TensorBoard inspection.
 
-Python API mirrors the CLI: medcl.pretrain(...), medcl.finetune(...), medcl.embed(...), medcl.evaluate(...), medcl.demo(...).
+Python API mirrors the CLI: medcl.pretrain(...), medcl.finetune(...), medcl.embed(...), medcl.evaluate(...), medcl.select(...),
+medcl.demo(...).
 """
 import logging as _logging
 
@@ -22,6 +23,9 @@ def __getattr__(name):  # lazy: importing medcl stays cheap
     if name == "evaluate":
         from .evaluate import evaluate
         return evaluate
+    if name == "select":
+        from .select import select_scans
+        return select_scans
     if name == "demo":
         from .demo import demo
         return demo

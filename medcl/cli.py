@@ -33,10 +33,18 @@ EPILOG_EMBED = """examples:
   medcl embed --checkpoint runs/simclr --data scans/ --classifier ft/1pct --out emb/   # adds predicted probability
 then: tensorboard --logdir emb/   (PROJECTOR tab: colour by label, click through neighbours)
 """
+EPILOG_SELECT = """examples:
+  medcl select --checkpoint runs/simclr --data scans/ --budget 30 --out sel/round1
+  # label sel/round1/to_label.csv (fill its label column), fine-tune, then ask for the next 20:
+  medcl select --checkpoint runs/simclr --data scans/ --budget 20 --already-labeled labels.csv --out sel/round2
+then: tensorboard --logdir sel/round1   (IMAGES: the contact sheet; PROJECTOR: colour by 'selection')
+"""
 EPILOG_EVALUATE = """examples:
   medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/pm
   medcl evaluate --checkpoint runs/simclr --data scans/ --labels labels.csv --out eval/x \\
       --fractions 0.01 0.1 1.0 --seeds 5 --heads knn linear mlp --baseline finetune
+  medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/sel --per-class 10 25 \\
+      --selection typiclust random --heads linear --baseline none     # does choosing the scans pay?
 """
 
 
@@ -213,9 +221,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many labels: it is the slow part on a CPU (default: every budget)")
     v.add_argument("--epochs", type=int, default=30, help="max epochs for finetune heads and the baseline")
     v.add_argument("--operating-point", default="youden", help=OP_HELP)
+    v.add_argument("--selection", nargs="+", choices=("typiclust", "kcenter", "random"),
+                   help="draw each seed's labeled subset label-blind with these `medcl select` strategies (from the "
+                        "non-test scans, as a user choosing what to label would) instead of stratified at random; a "
+                        "budget is then a count: --per-class K means K x classes labels. Several strategies run side "
+                        "by side and summary.md compares each with random")
     _task_args(v)
     _selection_args(v)
     v.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    s = sub.add_parser("select", help="choose which scans to label first, from the pretrained embeddings",
+                       formatter_class=fmt, parents=[quiet],
+                       description="Cold-start label selection: encode DATA with the pretrained encoder and pick the "
+                                   "BUDGET scans most worth labeling. typiclust: the most typical scan of each "
+                                   "cluster of the embedding not yet covered, largest first (TypiClust); kcenter: "
+                                   "greedy coverage; random: the control. Labels are never read; test scans are "
+                                   "never chosen; one scan per patient unless --allow-same-patient. Writes "
+                                   "to_label.csv (fill in its label column, then use it as LABELS.csv), "
+                                   "to_label.png and TensorBoard events.", epilog=EPILOG_SELECT)
+    s.add_argument("--checkpoint", required=True, help="pretrain run folder or encoder.pt")
+    s.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
+    s.add_argument("--budget", type=int, required=True, help="how many scans to choose")
+    s.add_argument("--out", required=True, help="output folder (to_label.csv, to_label.png, selection.json, tb/)")
+    s.add_argument("--strategy", choices=("typiclust", "kcenter", "random"), default="typiclust",
+                   help="how to choose")
+    s.add_argument("--already-labeled", metavar="LABELS.csv", help="scans labeled so far (a path column): the next "
+                   "BUDGET scans are those that add most to them (clusters not yet covered first)")
+    s.add_argument("--labels", metavar="CSV", help="a CSV with path and patient and/or split columns: patients to "
+                   "respect, and test scans (split=test) that are never chosen; its labels are not read")
+    s.add_argument("--allow-same-patient", action="store_true", help="allow several scans of one patient")
+    s.add_argument("--seed", type=int, default=0, help="seeds k-means (typiclust) or the draw (kcenter, random)")
+    s.add_argument("--max-points", type=int, default=10000, help="projector subsample size (chosen scans always "
+                                                                 "shown)")
+    _selection_args(s)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     c = sub.add_parser("config", help="show the resolved config with every key's meaning, or list the recipes",
                        formatter_class=fmt, parents=[quiet],
@@ -284,6 +323,7 @@ def _check_path(path, what: str):
 def _preflight(a):
     """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
     for attr, what in (("data", "data"), ("labels", "labels file"), ("probe_labels", "labels file"),
+                       ("already_labeled", "--already-labeled file"),
                        ("pairs", "pairs file"), ("files", "--files list"), ("classifier", "classifier folder")):
         _check_path(getattr(a, attr, None), what)
     ck = getattr(a, "checkpoint", None)
@@ -379,7 +419,14 @@ def main(argv=None) -> int:
             evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class,
                      seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, operating_point=a.operating_point,
                      positive=a.positive, overwrite=a.overwrite, finetune_max_labels=a.finetune_max_labels,
-                     progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a))
+                     progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a),
+                     selection=a.selection)
+        elif a.command == "select":
+            from .select import select_scans
+
+            select_scans(a.checkpoint, a.data, a.budget, a.out, a.strategy, a.already_labeled, a.seed, a.labels,
+                         a.allow_same_patient, a.overwrite, max_points=a.max_points, progress=progress,
+                         select=_selection(a))
     except MedclError as e:
         print(f"medcl {a.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from .data.discover import open_source
 from .data.labels import labels_from_records, read_labels_csv
 from .encoders import load_encoder
 from .runs import prepare_out_dir
-from .train import encode, pick_device
+from .runtime import encode, pick_device
 
 
 def embedding_map(features: np.ndarray, seed: int = 0):
@@ -52,6 +52,28 @@ def save_map_png(xy, labels, method, path: Path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_projector(writer, feats, scans, dims: int, header: list, meta: list, max_points: int = 10000, keep=None,
+                    log=print) -> np.ndarray:
+    """The TensorBoard projector: one point per scan with its metadata row and thumbnail. Past `max_points` a seeded
+    random subsample is shown (the browser slows down past ~10k points), always including the rows `keep`.
+    Returns the rows shown."""
+    n = len(meta)
+    show = np.arange(n)
+    if n > max_points:
+        keep = np.asarray([] if keep is None else keep, dtype=int)[:max_points]
+        rest = np.setdiff1d(np.arange(n), keep)
+        extra = np.random.default_rng(0).choice(rest, max_points - len(keep), replace=False)
+        show = np.sort(np.concatenate([keep, extra]))
+        log(f"projector shows {max_points} of {n} scans (--max-points); embeddings.npz holds all")
+    thumbs = np.concatenate([tb.thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
+    if thumbs.shape[1] == 1:
+        thumbs = np.repeat(thumbs, 3, axis=1)
+    if thumbs.shape[-1] > 64:  # sprite cells of at most 64 px keep the sprite loadable
+        thumbs = torch.nn.functional.interpolate(torch.as_tensor(thumbs), size=(64, 64), mode="area").numpy()
+    tb.log_embedding(writer, feats[show], [meta[i] for i in show], header, thumbs)
+    return show
 
 
 def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int = 10000, positive=None,
@@ -104,32 +126,20 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
         with torch.no_grad():
             logits = model.head(torch.as_tensor(feats, device=dev))
             prob_col = torch.softmax(logits, 1)[:, -1].cpu().numpy()
+    header = ["path", "label", "patient", "split"] + (["probability", "classifier_role"] if prob_col is not None else [])
+    meta = [[keys[i], label_col[i] or "-", patient_col[i] or "-", split_col[i] or "-"] +
+            ([f"{prob_col[i]:.3f}", role_col[i] or "-"] if prob_col is not None else []) for i in range(len(keys))]
     np.savez_compressed(out / "embeddings.npz", features=feats, paths=np.array(keys), labels=np.array(label_col),
                         patients=np.array(patient_col), splits=np.array(split_col), roles=np.array(role_col),
                         **({"probability": prob_col} if prob_col is not None else {}))
-    # projector: subsample very large sets (the browser projector slows down past ~10k points)
-    n = len(keys)
-    show = np.arange(n)
-    if n > max_points:
-        show = np.sort(np.random.default_rng(0).choice(n, max_points, replace=False))
-        log(f"projector shows a random {max_points} of {n} scans (--max-points); embeddings.npz holds all")
-    header = ["path", "label", "patient", "split"] + (["probability", "classifier_role"] if prob_col is not None else [])
-    meta = [[keys[i], label_col[i] or "-", patient_col[i] or "-", split_col[i] or "-"] +
-            ([f"{prob_col[i]:.3f}", role_col[i] or "-"] if prob_col is not None else []) for i in show]
-    thumbs = np.concatenate([tb.thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
-    if thumbs.shape[1] == 1:
-        thumbs = np.repeat(thumbs, 3, axis=1)
-    side = thumbs.shape[-1]
-    if side > 64:  # sprite cells of at most 64 px keep the sprite loadable
-        thumbs = torch.nn.functional.interpolate(torch.as_tensor(thumbs), size=(64, 64), mode="area").numpy()
     writer = tb.open_writer(out / "tb")
     try:
-        tb.log_embedding(writer, feats[show], meta, header, thumbs)
+        show = write_projector(writer, feats, scans, dims, header, meta, max_points, log=log)
     finally:
         writer.close()
     xy, how = embedding_map(feats[show])
     save_map_png(xy, [label_col[i] or "unlabeled" for i in show], how, out / "map.png")
-    log(f"embedded {n} scans ({feats.shape[1]}-d) in {time.perf_counter() - t0:.0f}s")
+    log(f"embedded {len(keys)} scans ({feats.shape[1]}-d) in {time.perf_counter() - t0:.0f}s")
     log(f"wrote {out / 'embeddings.npz'}, {out / 'map.png'} ({how}), projector in {out / 'tb'}")
     log(f"inspect: tensorboard --logdir {out}  (PROJECTOR tab)")
     return out

@@ -23,7 +23,7 @@ from .finetune import budget_rows, choose_threshold, load_labeled, run_head, wri
 from .metrics import bootstrap_ci, mean_ci, parse_operating_point, score
 from .progress import eta_text, progress_mode
 from .runs import prepare_out_dir, write_json
-from .train import encode, pick_device, seed_everything
+from .runtime import encode, pick_device, seed_everything
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 DEFAULT_HEADS = ("knn", "linear", "spread", "selftrain")
@@ -44,8 +44,12 @@ def _budgets(fractions, per_class):
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
              heads=DEFAULT_HEADS, baseline: str = "finetune", epochs: int = 30, operating_point: str = "youden",
              positive=None, overwrite=False, device="auto", finetune_max_labels: int | None = None, progress=True,
-             log=print, negative=None, multiclass=False, select=None) -> list:
+             log=print, negative=None, multiclass=False, select=None, selection=None) -> list:
+    """selection: None (stratified random subsets, the default), or label-blind strategies of medcl.select
+    (typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
+    protocol and controls."""
     from .heads import FEATURE_HEADS, HEADS
+    from .select import STRATEGIES
 
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
@@ -54,6 +58,11 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         parse_operating_point(operating_point)
     except ValueError as e:
         raise MedclError(str(e)) from None
+    selections = [None] if not selection else list(dict.fromkeys([selection] if isinstance(selection, str)
+                                                                  else selection))
+    bad = [s for s in selections if s is not None and s not in STRATEGIES]
+    if bad:
+        raise MedclError(f"--selection {' '.join(bad)}: unknown; choose from {', '.join(STRATEGIES)}")
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -71,13 +80,13 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     feature_heads = [h for h in heads if h in FEATURE_HEADS]
     budgets = _budgets(fractions, per_class)
     rows = []
-    plan = [(b, s) for b in budgets for s in range(seeds)]
+    plan = [(b, sel, s) for b in budgets for sel in selections for s in range(seeds)]
     writer = tb.open_writer(out / "tb")
     inner = progress if progress_mode(progress) == "bar" else False  # lines mode: one line per run, not per epoch
     t_runs = time.perf_counter()
-    for i, ((kind, value), seed) in enumerate(plan, 1):
+    for i, ((kind, value), sel, seed) in enumerate(plan, 1):
         lab, pool, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
-                                    seed)
+                                    seed, selection=sel, features=feats)
         # the protocol's promise, checked on every run: test rows never train or select anything
         assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist())
         subset = hashlib.sha256(lab.astype(np.int64).tobytes()).hexdigest()[:12]
@@ -100,7 +109,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                                     progress=inner)
             thr, _, expected = choose_threshold(ld, lab, fit, operating_point)
             m = score(ld.y[te], pte, thr)
-            row = {"budget_kind": kind, "budget": value, "n_labeled": len(lab), "n_unlabeled": len(pool),
+            row = {"budget_kind": kind, "budget": value, "selection": sel or "stratified",
+                   "classes_labeled": len(np.unique(ld.y[lab])), "n_labeled": len(lab), "n_unlabeled": len(pool),
                    "n_test": len(te), "seed": seed, "subset": subset, "encoder": enc_name, "head": head,
                    "threshold": round(thr, 4), **{k: m.get(k, float("nan")) for k in METRICS},
                    "expected_sensitivity": expected.get("sensitivity", float("nan")),
@@ -110,10 +120,10 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                 lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
                 row["auc_boot_lo"], row["auc_boot_hi"] = lo, hi
             rows.append(row)
-            tag = f"{enc_name}_{head}"
+            tag = f"{enc_name}_{head}" + (f"_{sel}" if sel else "")
             tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(lab),
                            f"eval_{kind}/{tag}/seed{seed}/")
-        log(f"[{i}/{len(plan)}] {kind}={value} seed={seed} ({len(lab)} labels): " +
+        log(f"[{i}/{len(plan)}] {kind}={value}{' ' + sel if sel else ''} seed={seed} ({len(lab)} labels): " +
             ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]) +
             f" | {eta_text(i, len(plan), time.perf_counter() - t_runs)}")
     _write_csv(rows, out / "results.csv")
@@ -123,21 +133,25 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         tb.log_scalars(writer, {"auc_gain_over_best_control": g["gain_mean"]}, int(round(g["n_labeled"])),
                        f"gain_{g['budget_kind']}/")
     (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, operating_point) + "\n" +
-                                    gain_markdown(gain))
+                                    gain_markdown(gain) + selection_markdown(rows))
     learning_curve(summary, out / "learning_curve.png")
     for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
-        sub = tb.open_writer(out / "tb" / "hparams" / f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}")
+        sel = "" if s["selection"] == "stratified" else f"_{s['selection']}"
+        sub = tb.open_writer(out / "tb" / "hparams" /
+                             f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}{sel}")
         tb.log_hparams(sub, {"encoder": s["encoder"], "head": s["head"], "budget_kind": s["budget_kind"],
+                             "selection": s["selection"],
                              "budget": s["budget"], "n_labeled": s["n_labeled"], "seeds": s["n_seeds"]},
                        {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"], "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
         sub.close()
     writer.close()
     write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
                                        "heads": list(heads), "baseline": baseline, "operating_point": operating_point,
+                                       "selection": [s or "stratified" for s in selections],
                                        "splits": ld.split_source, "gain_over_best_control": gain,
                                        "seconds": round(time.perf_counter() - t0)})
     log(summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=True))
-    log(gain_markdown(gain))
+    log(gain_markdown(gain) + selection_markdown(rows))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
     return rows
 
@@ -149,8 +163,8 @@ def gains_over_best_control(rows, summary) -> list:
     """Per budget: the best pretrained head minus the best control (by mean AUC over seeds), paired by seed: the same
     seed means the same labeled subset, so the difference per seed removes the subset's luck from the interval."""
     out = []
-    for kind, budget in dict.fromkeys((s["budget_kind"], s["budget"]) for s in summary):
-        cands = [s for s in summary if (s["budget_kind"], s["budget"]) == (kind, budget)]
+    for kind, budget, sel in dict.fromkeys((s["budget_kind"], s["budget"], s["selection"]) for s in summary):
+        cands = [s for s in summary if (s["budget_kind"], s["budget"], s["selection"]) == (kind, budget, sel)]
         mine = [s for s in cands if s["encoder"] == "pretrained" and np.isfinite(s["auc_mean"])]
         ctrl = [s for s in cands if s["encoder"] in CONTROLS and np.isfinite(s["auc_mean"])]
         if not mine or not ctrl:
@@ -158,13 +172,12 @@ def gains_over_best_control(rows, summary) -> list:
         best, rival = max(mine, key=lambda s: s["auc_mean"]), max(ctrl, key=lambda s: s["auc_mean"])
 
         def by_seed(s):
-            return {r["seed"]: r["auc"] for r in rows if (r["budget_kind"], r["budget"], r["encoder"], r["head"]) ==
-                    (kind, budget, s["encoder"], s["head"])}
+            return {r["seed"]: r["auc"] for r in rows if _key(r) == _key(s)}
 
         a, b = by_seed(best), by_seed(rival)
         diffs = [a[k] - b[k] for k in sorted(set(a) & set(b))]
         mean, sd, half = mean_ci(diffs)
-        out.append({"budget_kind": kind, "budget": budget, "n_labeled": best["n_labeled"],
+        out.append({"budget_kind": kind, "budget": budget, "selection": sel, "n_labeled": best["n_labeled"],
                     "best": f"{best['encoder']}/{best['head']}", "best_auc": best["auc_mean"],
                     "control": f"{rival['encoder']}/{rival['head']}", "control_auc": rival["auc_mean"],
                     "gain_mean": mean, "gain_sd": sd, "gain_ci95": half, "n_seeds": len(diffs)})
@@ -177,7 +190,8 @@ def gain_markdown(gain) -> str:
              "trained from scratch), AUC, paired by seed: mean [95% t-interval]; † fewer than 3 seeds.", "",
              "| budget | labels | best pretrained | AUC | best control | AUC | gain |", "|---|---|---|---|---|---|---|"]
     for g in gain:
-        b = f"{g['budget']:.0%}" if g["budget_kind"] == "fraction" else f"{g['budget']}/class"
+        b = _budget_text(g["budget_kind"], g["budget"]) + (f" ({g['selection']})" if g["selection"] != "stratified"
+                                                            else "")
         iv = (f" [{g['gain_mean'] - g['gain_ci95']:+.3f} to {g['gain_mean'] + g['gain_ci95']:+.3f}]"
               if np.isfinite(g["gain_ci95"]) else "")
         lines.append(f"| {b} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | {g['control']} | "
@@ -193,14 +207,48 @@ def _write_csv(rows, path):
         w.writerows(rows)
 
 
+def _key(r) -> tuple:
+    """One series of the protocol: budget, how its subsets were chosen, encoder, head."""
+    return r["budget_kind"], r["budget"], r.get("selection", "stratified"), r["encoder"], r["head"]
+
+
+def _budget_text(kind, budget) -> str:
+    return f"{budget:.0%}" if kind == "fraction" else f"{budget}/class"
+
+
+def selection_markdown(rows) -> str:
+    """Each label-blind strategy against random selection, pretrained encoder, same head and budget: mean AUC over
+    seeds (each seed its own subset), sd, and in how many subsets both classes were labeled."""
+    sels = list(dict.fromkeys(r.get("selection", "stratified") for r in rows))
+    if "random" not in sels or len(sels) < 2:
+        return ""
+    lines = ["## Which scans to label: selection strategies against random selection", "",
+             "Pretrained encoder, the same head and budget; each seed draws its own subset (label-blind strategies "
+             "of `medcl select`): mean ± sd of test AUC over seeds, the difference of the means, and the subsets "
+             "in which both classes were labeled.", "",
+             "| budget | labels | head | selection | AUC | random | difference | both classes |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {_key(s): s for s in summarize([r for r in rows if r["encoder"] == "pretrained"])}
+    for (kind, budget, sel, enc, head), s in summary.items():
+        ref = summary.get((kind, budget, "random", enc, head))
+        if sel == "random" or ref is None:
+            continue
+        lines.append(f"| {_budget_text(kind, budget)} | {s['n_labeled']:.0f} | {head} | {sel} | "
+                     f"{s['auc_mean']:.3f} ± {s['auc_sd']:.3f} | {ref['auc_mean']:.3f} ± {ref['auc_sd']:.3f} | "
+                     f"{s['auc_mean'] - ref['auc_mean']:+.3f} | {s['both_classes']}/{s['n_seeds']} (random "
+                     f"{ref['both_classes']}/{ref['n_seeds']}) |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def summarize(rows) -> list:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["budget_kind"], r["budget"], r["encoder"], r["head"]), []).append(r)
+        groups.setdefault(_key(r), []).append(r)
     out = []
-    for (kind, budget, enc, head), rs in groups.items():
-        s = {"budget_kind": kind, "budget": budget, "encoder": enc, "head": head, "n_seeds": len(rs),
-             "n_labeled": float(np.mean([r["n_labeled"] for r in rs]))}
+    for (kind, budget, sel, enc, head), rs in groups.items():
+        s = {"budget_kind": kind, "budget": budget, "selection": sel, "encoder": enc, "head": head,
+             "n_seeds": len(rs), "n_labeled": float(np.mean([r["n_labeled"] for r in rs])),
+             "both_classes": int(sum(r.get("classes_labeled", 2) >= 2 for r in rs))}
         for k in METRICS:
             mean, sd, half = mean_ci([r[k] for r in rs])
             s[f"{k}_mean"], s[f"{k}_sd"], s[f"{k}_ci95"] = mean, sd, half
@@ -240,8 +288,10 @@ def summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=Fals
         return f"{m:.3f} ± {sd:.3f} [{lo:.3f}-{hi:.3f}]{flag}"
 
     order = {"pretrained": 0, "random-init": 1, "scratch": 2}
-    for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], order.get(s["encoder"], 3), s["head"])):
-        b = f"{s['budget']:.0%}" if s["budget_kind"] == "fraction" else f"{s['budget']}/class"
+    for s in sorted(summary, key=lambda s: (s["budget_kind"], s["budget"], s["selection"], order.get(s["encoder"], 3),
+                                            s["head"])):
+        b = _budget_text(s["budget_kind"], s["budget"]) + (f" ({s['selection']})" if s["selection"] != "stratified"
+                                                            else "")
         lines.append(f"| {b} | {s['n_labeled']:.0f} | {s['encoder']} | {s['head']} | {cell(s, 'auc')} | "
                      f"{cell(s, 'balanced_accuracy')} | {cell(s, 'sensitivity')} | {cell(s, 'specificity')} |")
     return "\n".join(lines) + "\n"
@@ -254,13 +304,14 @@ def learning_curve(summary, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
     series: dict = {}
     for s in summary:
-        series.setdefault((s["encoder"], s["head"]), []).append(s)
-    for (enc, head), ss in sorted(series.items()):
+        series.setdefault((s["encoder"], s["head"], s["selection"]), []).append(s)
+    several = len({k[2] for k in series}) > 1
+    for (enc, head, sel), ss in sorted(series.items()):
         ss = sorted(ss, key=lambda s: s["n_labeled"])
         x = np.array([s["n_labeled"] for s in ss])
         y = np.array([s["auc_mean"] for s in ss])
         h = np.nan_to_num(np.array([s["auc_ci95"] for s in ss]))
-        ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}")
+        ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}" + (f" / {sel}" if several else ""))
         ax.fill_between(x, np.clip(y - h, 0, 1), np.clip(y + h, 0, 1), alpha=0.15)
     ax.set_xscale("log")
     ax.set(xlabel="labeled training scans", ylabel="test AUC", title="Few-label learning curve (95% CI over seeds)")

@@ -20,7 +20,7 @@ from .errors import LabelsError, MedclError
 from .heads import Classifier
 from .metrics import bootstrap_ci, operating_threshold, parse_operating_point, score
 from .runs import prepare_out_dir, write_json
-from .train import encode, pick_device, seed_everything
+from .runtime import encode, pick_device, seed_everything
 
 CLASSIFIER_FORMAT = "medcl-classifier-v1"
 
@@ -118,10 +118,16 @@ def read_splits(path: Path) -> dict:
 
 # ---- one run: labeled rows, unlabeled pool, test rows; one head; its operating threshold ----------------------
 
-def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, seed=0):
-    """(labeled, unlabeled, test) row indices. The label budget is drawn, stratified and reproducible from `seed`,
-    from every non-test scan (at least 2 per class, so cross-validation can choose and threshold); the other
-    non-test scans are the unlabeled pool; test rows are never seen by anything fitted or chosen."""
+def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, seed=0, selection=None,
+                features=None):
+    """(labeled, unlabeled, test) row indices. The label budget is drawn, reproducible from `seed`, from every
+    non-test scan; the other non-test scans are the unlabeled pool; test rows are never seen by anything fitted or
+    chosen.
+
+    selection None: stratified at random, at least 2 per class (so cross-validation can choose and threshold).
+    selection typiclust | kcenter | random (medcl.select): label-blind, as a user choosing scans to label would,
+    from `features`; the budget is then a count (fraction x non-test scans, or labels_per_class x classes) and a
+    class may come out missing (heads then predict the prior)."""
     non_test = np.flatnonzero(ld.split != "test")
     if label_fraction is None and labels_per_class is None:
         label_fraction = 1.0
@@ -129,10 +135,19 @@ def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, see
         raise LabelsError(f"--label-fraction {label_fraction}: must be in (0, 1].")
     if labels_per_class is not None and labels_per_class < 2:
         raise LabelsError(f"--labels-per-class {labels_per_class}: need at least 2 (one to learn from, one to check).")
-    # a fraction takes at least 2 of each class where there are 2 (a class with 1 cannot be cross-validated: the
-    # threshold rule then says so); an explicit --labels-per-class that a class cannot meet is an error
-    lab = select_budget(ld.y, non_test, label_fraction, labels_per_class, seed, min_per_class=2,
-                        cap=labels_per_class is None)
+    if selection is not None:
+        from .select import choose
+
+        n = labels_per_class * ld.n_classes if labels_per_class is not None else \
+            max(2 * ld.n_classes, int(round(label_fraction * len(non_test))))
+        groups = ld.groups if len(set(ld.groups)) < len(ld.groups) else None
+        lab = np.sort(choose(features, min(n, len(non_test)), selection, seed, candidates=non_test,
+                             groups=groups, same_patient=groups is None).order)
+    else:
+        # a fraction takes at least 2 of each class where there are 2 (a class with 1 cannot be cross-validated:
+        # the threshold rule then says so); an explicit --labels-per-class that a class cannot meet is an error
+        lab = select_budget(ld.y, non_test, label_fraction, labels_per_class, seed, min_per_class=2,
+                            cap=labels_per_class is None)
     pool = np.setdiff1d(non_test, lab)
     te = np.flatnonzero(ld.split == "test")
     assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist()), "test rows leaked into training"
@@ -144,6 +159,10 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
     """Fit one head on the labeled rows (and the unlabeled pool for semi-supervised heads); returns
     (HeadFit, test probabilities). Test rows are only ever predicted."""
     groups = ld.groups if len(set(ld.groups)) < len(ld.groups) else None
+    if len(np.unique(ld.y[lab])) < 2:  # a label-blind selection can miss a class: nothing to learn but the prior
+        prior = np.bincount(ld.y[lab], minlength=ld.n_classes) / len(lab)
+        return heads.HeadFit(np.full((len(lab), ld.n_classes), np.nan), None,
+                             {"single_class": True, "folds": 0}), np.tile(prior, (len(te), 1))
     if head in heads.FEATURE_HEADS:
         f = features if features is not None else encode(encoder, ld.scans, device)
         fit = heads.fit_feature_head(head, f, ld.y, lab, pool, groups, ld.n_classes, seed)

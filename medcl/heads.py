@@ -26,7 +26,7 @@ from torch import nn
 from .config import ViewsConfig
 from .metrics import score
 from .progress import Progress
-from .train import seed_everything
+from .runtime import seed_everything
 from .views import BatchedViews
 
 SUPERVISED = ("linear", "knn", "mlp")

@@ -24,24 +24,9 @@ from .methods import build_method
 from .monitors import collapse_metrics, is_collapsed, knn_probe
 from .progress import Progress, duration, eta_text
 from .runs import prepare_out_dir
+from .runtime import encode, pick_device, seed_everything  # noqa: F401 (also medcl.train.encode, as before)
 from .views import BatchedViews, TwoViewDataset, monai_transform, resolve_backend, _seed
 from . import tensorboard as tb
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedclError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class LARS(torch.optim.Optimizer):
@@ -300,21 +285,6 @@ def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_c
             "epoch": epoch, "step": step, "global_step": global_step, "epoch_complete": epoch_complete,
             "rng": _rng_state(),
             "config": cfg.to_dict()}
-
-
-@torch.no_grad()
-def encode(encoder, images, device, batch_size: int = 256, amp: bool = False) -> np.ndarray:
-    """Features of a ScanSet or an array (N, C, *S) with the encoder in eval mode."""
-    encoder.eval()
-    n = len(images)
-    feats = []
-    for s in range(0, n, batch_size):
-        idx = np.arange(s, min(n, s + batch_size))
-        x = images.batch(idx) if hasattr(images, "batch") else np.asarray(images[s:s + batch_size])
-        x = torch.as_tensor(x).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(encoder(x).float().cpu().numpy())
-    return np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)
 
 
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,

@@ -1,0 +1,331 @@
+"""Which scans to label first: cold-start selection from the pretrained embeddings.
+
+A few-label user can afford N labels; random picks spend them on near-duplicates and outliers. `typiclust` clusters
+the embedding (k-means, as many clusters as labels so far plus the budget) and labels the most *typical* scan (the
+densest: the smallest mean distance to its nearest neighbours) of each cluster not yet covered, largest clusters
+first (Hacohen et al., TypiClust, ICML 2022; Chen et al., MIDL 2023, for medical images). `kcenter` is greedy
+farthest-first coverage; `random` is the control. All are label-blind: they read features, never labels.
+
+Patient-aware: a scan whose patient already has a labeled or chosen scan is not chosen (unless asked), so a small
+budget is not spent twice on one patient. Test scans are never candidates.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LabelsError, MedclError
+
+STRATEGIES = ("typiclust", "kcenter", "random")
+MAX_CLUSTERS = 500  # TypiClust's cap: past this, more clusters add time, not coverage
+MIN_CLUSTER = 5  # smaller clusters are outlier groups: covered only after every larger one
+TYPICALITY_K = 20  # neighbours in the density estimate
+TYPICALITY_REF = 2000  # a big cluster's density is measured against a seeded sample of this many of its scans
+CONTACT_SHEET_MAX = 100
+
+
+class SelectionError(MedclError):
+    pass
+
+
+@dataclass
+class Picked:
+    order: np.ndarray  # row indices into the features, in the order to label
+    cluster: np.ndarray  # k-means cluster of each picked row
+    typicality: np.ndarray  # each picked row's typicality within its cluster
+    info: dict = field(default_factory=dict)
+
+
+def _unit(f):
+    f = np.asarray(f, dtype=np.float32)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def _clusters(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    if k <= 1:
+        return np.zeros(len(x), dtype=int)
+    if len(x) > 20000:  # mini-batch k-means: 100k scans in seconds on a CPU (docs/selection.md)
+        km = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=3)
+    else:
+        km = KMeans(k, random_state=seed, n_init=3)
+    return km.fit_predict(x)
+
+
+def typicality(x: np.ndarray, seed: int = 0, k: int = TYPICALITY_K, ref_cap: int = TYPICALITY_REF) -> np.ndarray:
+    """1 / mean distance to the k nearest other members (TypiClust's density). x: one cluster's unit-norm features
+    (distances come from dot products)."""
+    n = len(x)
+    if n < 2:
+        return np.ones(n)
+    ref_idx = np.arange(n) if n <= ref_cap else np.sort(np.random.default_rng([seed, 5]).choice(n, ref_cap, False))
+    ref = x[ref_idx]
+    k = min(k, len(ref) - 1)
+    self_col = np.full(n, -1)
+    self_col[ref_idx] = np.arange(len(ref_idx))
+    out = np.empty(n)
+    for s in range(0, n, 4096):  # chunks keep the distance matrix small for a cluster of 100k scans
+        rows = np.arange(s, min(n, s + 4096))
+        d = np.sqrt(np.maximum(2.0 - 2.0 * x[rows] @ ref.T, 0.0))
+        own = self_col[rows] >= 0
+        d[np.flatnonzero(own), self_col[rows][own]] = np.inf  # a scan is not its own neighbour
+        out[rows] = 1.0 / (np.partition(d, k - 1, axis=1)[:, :k].mean(1) + 1e-12)
+    return out
+
+
+def choose(features: np.ndarray, budget: int, strategy: str = "typiclust", seed: int = 0, candidates=None,
+           labeled=None, groups=None, same_patient: bool = False) -> Picked:
+    """Pick `budget` rows of `candidates` (default: every row not in `labeled`) to label next.
+
+    labeled: rows already labeled; they count as covering their cluster (typiclust), as centres (kcenter) and as
+    patients already used. groups: patient per row (None: every scan its own patient)."""
+    if strategy not in STRATEGIES:
+        raise SelectionError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
+    n = len(features)
+    labeled = np.unique(np.asarray([] if labeled is None else labeled, dtype=int))
+    cand = np.setdiff1d(np.arange(n) if candidates is None else np.asarray(candidates, dtype=int), labeled)
+    if budget < 1:
+        raise SelectionError(f"--budget {budget}: must be at least 1.")
+    # patients as integer codes: marking a patient used is then one vectorised comparison
+    groups = np.arange(n) if groups is None else np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1]
+    used = set() if same_patient else set(groups[labeled].tolist())
+    eligible = np.zeros(n, dtype=bool)
+    eligible[cand] = True
+    if not same_patient:
+        eligible[cand] = [g not in used for g in groups[cand].tolist()]
+    n_patients = len(set(groups[eligible])) if not same_patient else int(eligible.sum())
+    if budget > n_patients:
+        why = (f"{len(cand)} candidate scans" + ("" if same_patient else f" of {n_patients} patients not yet labeled")
+               + (f" ({len(labeled)} already labeled)" if len(labeled) else ""))
+        raise SelectionError(f"--budget {budget} is larger than the pool: {why}. Lower --budget"
+                             + ("" if same_patient or n_patients == len(cand) else
+                                ", or pass --allow-same-patient to take several scans of one patient") + ".")
+    x = _unit(features)
+    universe = np.union1d(cand, labeled)
+    k = int(min(len(labeled) + budget, MAX_CLUSTERS, len(universe)))
+    cl = np.full(n, -1)
+    cl[universe] = _clusters(x[universe], k, seed)
+    sizes = np.bincount(cl[universe], minlength=k)
+    covered = np.bincount(cl[labeled], minlength=k) if len(labeled) else np.zeros(k, dtype=int)
+    before = int((covered > 0).sum())
+    typ = np.full(n, np.nan)
+
+    def typ_of(c):
+        members = universe[cl[universe] == c]
+        if np.isnan(typ[members[0]]):
+            typ[members] = typicality(x[members], seed + int(c))
+        return typ
+
+    def take(i):
+        covered[cl[i]] += 1
+        eligible[i] = False
+        if not same_patient:
+            eligible[groups == groups[i]] = False
+
+    order = []
+    rng = np.random.default_rng([seed, 17])
+    if strategy == "typiclust":
+        for _ in range(budget):
+            open_ = np.flatnonzero(np.bincount(cl[eligible], minlength=k) > 0)
+            # the least-covered cluster, a real cluster before an outlier group, then the largest
+            c = open_[np.lexsort((-sizes[open_], sizes[open_] < MIN_CLUSTER, covered[open_]))[0]]
+            members = np.flatnonzero(eligible & (cl == c))
+            i = members[np.argmax(typ_of(c)[members])]
+            order.append(i)
+            take(i)
+    elif strategy == "kcenter":
+        mind = np.full(n, np.inf)
+
+        def near(centres):
+            for s in range(0, len(cand), 8192):
+                rows = cand[s:s + 8192]
+                d = np.maximum(2.0 - 2.0 * x[rows] @ x[centres].T, 0.0).min(1)
+                mind[rows] = np.minimum(mind[rows], d)
+
+        for s in range(0, len(labeled), 1024):
+            near(labeled[s:s + 1024])
+        for _ in range(budget):
+            if not np.isfinite(mind[eligible]).any():  # nothing labeled yet: a seeded random start
+                i = rng.choice(np.flatnonzero(eligible))
+            else:
+                el = np.flatnonzero(eligible)
+                i = el[np.argmax(mind[el])]
+            order.append(i)
+            take(i)
+            near(np.array([i]))
+    else:
+        for i in rng.permutation(cand):
+            if len(order) == budget:
+                break
+            if eligible[i]:
+                order.append(i)
+                take(i)
+    order = np.array(order, dtype=int)
+    for c in np.unique(cl[order]):
+        typ_of(c)
+    info = {"strategy": strategy, "clusters": k, "clusters_covered_before": before,
+            "clusters_covered": int((covered > 0).sum()), "candidates": int(len(cand)),
+            "already_labeled": int(len(labeled))}
+    return Picked(order, cl[order], typ[order], info)
+
+
+# ---- the command: encode, choose, write to_label.csv, the contact sheet and the projector --------------------
+
+def read_scan_list(path, data_root) -> list:
+    """(key, patient or None, split or None) per row of a CSV with a path column (labels are not read)."""
+    from .data.labels import _norm_path
+
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in cols:
+            raise LabelsError(f"{path}: no 'path' column (found {cols}); expected a header 'path,label[,patient]'.")
+        rows = []
+        for n, r in enumerate(reader, start=2):
+            r = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+            if r.get("path"):
+                rows.append((_norm_path(r["path"], False, n, data_root), r.get("patient") or None,
+                             (r.get("split") or "").lower() or None))
+    return rows
+
+
+def _short(key: str, most: int = 22) -> str:
+    name = key.rsplit("/", 1)[-1]
+    return name if len(name) <= most else "…" + name[-(most - 1):]
+
+
+def contact_sheet(images: np.ndarray, dims: int, titles: list, path: Path):
+    """A grid of the chosen scans (middle axial slice of a volume), titled with rank and cluster; returns the figure."""
+    from . import tensorboard as tb
+    from .report import _plt
+
+    plt = _plt()
+    pics = tb.thumbnail(images, dims)
+    n = len(pics)
+    cols = int(min(10, max(1, np.ceil(np.sqrt(n)))))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.75 * rows), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, pic, t in zip(axes.ravel(), pics, titles):
+        ax.imshow(np.moveaxis(pic, 0, -1) if pic.shape[0] == 3 else pic[0], cmap="gray", vmin=0, vmax=1)
+        ax.set_title(t, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return fig
+
+
+def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust", already_labeled=None, seed: int = 0,
+                 labels=None, same_patient: bool = False, overwrite: bool = False, device="auto",
+                 max_points: int = 10000, progress=True, log=print, select=None) -> Path:
+    """Choose `budget` scans of `data` to label next; writes to_label.csv, to_label.png and TensorBoard events.
+
+    labels: an optional CSV whose patient and split columns are read (never its labels): test scans are never
+    chosen, and patients are respected. already_labeled: a CSV of the scans labeled so far (path column)."""
+    from . import tensorboard as tb
+    from .data.cache import build_cache, write_skipped
+    from .data.discover import open_source
+    from .embed import write_projector
+    from .encoders import load_encoder
+    from .runs import prepare_out_dir, write_json
+    from .runtime import encode, pick_device
+
+    if strategy not in STRATEGIES:
+        raise SelectionError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
+    if budget < 1:
+        raise SelectionError(f"--budget {budget}: must be at least 1.")
+    t0 = time.perf_counter()
+    encoder, extra = load_encoder(checkpoint)
+    settings = extra.get("data", {})
+    dims = int(settings.get("dims", 2))
+    source = open_source(data, dims, "all", select)
+    root = source.root if not source.arrays else None
+    keys = [r.key for r in source.records]
+    index = {k: i for i, k in enumerate(keys)}
+    patient = {r.key: r.patient for r in source.records if r.patient}
+    test = {r.key for r in source.records if r.split == "test"}
+    for key, p, s in read_scan_list(labels, root) if labels else []:
+        if p:
+            patient[key] = p
+        if s == "test":
+            test.add(key)
+    done = []
+    if already_labeled:
+        listed = read_scan_list(already_labeled, root)
+        unknown = [k for k, _, _ in listed if k not in index]
+        if unknown:
+            raise SelectionError(f"--already-labeled {already_labeled}: {len(unknown)} path(s) are not scans under "
+                                 f"{data} (first: {unknown[:3]}); paths must be relative to DATA.")
+        for key, p, _ in listed:
+            if p:
+                patient[key] = p
+        done = [k for k, _, _ in listed]
+    # the pool, checked before anything is written: a budget it cannot meet is refused here
+    free = [k for k in keys if k not in test and k not in set(done)]
+    free_patients = len({patient.get(k, k) for k in free} - {patient.get(k, k) for k in done})
+    if budget > (len(free) if same_patient else free_patients):
+        raise SelectionError(f"--budget {budget} is larger than the pool: {len(free)} scans can be chosen "
+                             f"({len(keys)} found, {len(test)} in the test split, {len(done)} already labeled"
+                             + ("" if same_patient or free_patients == len(free) else
+                                f"; {free_patients} patients not yet labeled: --allow-same-patient lifts that")
+                             + "). Lower --budget.")
+    out = prepare_out_dir(out, data, overwrite=overwrite, marker="to_label.csv")
+    dev = pick_device(device)
+    scans = build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
+                        settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
+    write_skipped(scans.skipped, out / "skipped.csv")
+    if scans.skipped:
+        log(f"skipped {len(scans.skipped)} unreadable scans (see {out / 'skipped.csv'})")
+    keys = [r.key for r in scans.records]
+    log(f"encoding {len(keys)} scans")
+    feats = encode(encoder.to(dev), scans, dev)
+    t_sel = time.perf_counter()
+    done_set = set(done)
+    rows_labeled = np.array([i for i, k in enumerate(keys) if k in done_set], dtype=int)
+    rows_cand = np.array([i for i, k in enumerate(keys) if k not in test and k not in done_set], dtype=int)
+    groups = np.array([patient.get(k, k) for k in keys], dtype=object)
+    picked = choose(feats, budget, strategy, seed, rows_cand, rows_labeled, groups, same_patient)
+    select_s = time.perf_counter() - t_sel
+    has_patient = any(k in patient for k in keys)
+    with open(out / "to_label.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "rank", "cluster", "typicality"] + (["patient"] if has_patient else []) + ["label"])
+        for rank, (i, c, t) in enumerate(zip(picked.order, picked.cluster, picked.typicality), 1):
+            w.writerow([keys[i], rank, int(c), f"{t:.4f}"] + ([groups[i]] if has_patient else []) + [""])
+    show = picked.order[:CONTACT_SHEET_MAX]
+    fig = contact_sheet(scans.batch(show), dims, [f"#{r} c{c}\n{_short(keys[i])}" for r, (i, c) in
+                                                  enumerate(zip(show, picked.cluster), 1)], out / "to_label.png")
+    rank_of = {int(i): r for r, i in enumerate(picked.order, 1)}
+    role = ["to label" if i in rank_of else "labeled" if k in done_set else "test" if k in test else "-"
+            for i, k in enumerate(keys)]
+    meta = [[k, role[i], str(rank_of.get(i, "-")), groups[i]] for i, k in enumerate(keys)]
+    writer = tb.open_writer(out / "tb")
+    try:
+        tb.log_figure(writer, "selection/to_label", fig)
+        tb.log_text(writer, "selection/summary", f"{strategy}: {budget} scans to label; " +
+                    ", ".join(f"{k} {v}" for k, v in picked.info.items()))
+        write_projector(writer, feats, scans, dims, ["path", "selection", "rank", "patient"], meta, max_points,
+                        keep=picked.order, log=log)
+    finally:
+        writer.close()
+    info = {**picked.info, "budget": budget, "seed": seed, "checkpoint": str(checkpoint), "data": str(data),
+            "already_labeled_csv": str(already_labeled) if already_labeled else None, "same_patient": same_patient,
+            "n_scans": len(keys), "n_test_excluded": int(sum(k in test for k in keys)),
+            "select_seconds": round(select_s, 2), "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(out / "selection.json", info)
+    new = info["clusters_covered"] - info["clusters_covered_before"]
+    log(f"{strategy}: {budget} scans to label of {info['candidates']} candidates; they cover {new} new of "
+        f"{info['clusters']} clusters of the embedding ({info['clusters_covered']} covered with the labeled ones); "
+        f"selection took {select_s:.1f}s")
+    log(f"wrote {out / 'to_label.csv'} (in the order to label: fill in its label column, then pass it to finetune/"
+        f"evaluate as --labels), {out / 'to_label.png'}, TensorBoard in {out / 'tb'} (IMAGES, PROJECTOR: colour by "
+        f"selection)")
+    return out
