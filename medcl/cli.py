@@ -245,10 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (to_label.csv, to_label.png, selection.json, tb/)")
     s.add_argument("--strategy", choices=("typiclust", "kcenter", "random"), default="typiclust",
                    help="how to choose")
-    s.add_argument("--already-labeled", metavar="LABELS.csv", help="scans labeled so far (a path column): the next "
-                   "BUDGET scans are those that add most to them (clusters not yet covered first)")
+    s.add_argument("--already-labeled", metavar="LABELS.csv", action="append", help="scans labeled so far (a path "
+                   "column): the next BUDGET scans are those that add most to them (clusters not yet covered first); "
+                   "repeat it for several rounds' lists")
     s.add_argument("--labels", metavar="CSV", help="a CSV with path and patient and/or split columns: patients to "
                    "respect, and test scans (split=test) that are never chosen; its labels are not read")
+    s.add_argument("--embeddings", metavar="EMB_DIR", help="a `medcl embed` output of DATA with this checkpoint: "
+                   "its features are used instead of encoding every scan again (later rounds on a large folder)")
     s.add_argument("--allow-same-patient", action="store_true", help="allow several scans of one patient")
     s.add_argument("--seed", type=int, default=0, help="seeds k-means (typiclust) or the draw (kcenter, random)")
     s.add_argument("--max-points", type=int, default=10000, help="projector subsample size (chosen scans always "
@@ -323,9 +326,12 @@ def _check_path(path, what: str):
 def _preflight(a):
     """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
     for attr, what in (("data", "data"), ("labels", "labels file"), ("probe_labels", "labels file"),
-                       ("already_labeled", "--already-labeled file"),
-                       ("pairs", "pairs file"), ("files", "--files list"), ("classifier", "classifier folder")):
+
+                       ("pairs", "pairs file"), ("files", "--files list"), ("classifier", "classifier folder"),
+                       ("embeddings", "--embeddings")):
         _check_path(getattr(a, attr, None), what)
+    for path in getattr(a, "already_labeled", None) or []:
+        _check_path(path, "--already-labeled file")
     ck = getattr(a, "checkpoint", None)
     if ck is not None and str(ck).lower() != "none":
         _check_path(ck, "checkpoint")
@@ -426,7 +432,7 @@ def main(argv=None) -> int:
 
             select_scans(a.checkpoint, a.data, a.budget, a.out, a.strategy, a.already_labeled, a.seed, a.labels,
                          a.allow_same_patient, a.overwrite, max_points=a.max_points, progress=progress,
-                         select=_selection(a))
+                         select=_selection(a), embeddings=a.embeddings)
     except MedclError as e:
         print(f"medcl {a.command}: error: {e}", file=sys.stderr)
         return 2

@@ -51,30 +51,32 @@ def _clusters(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     if k <= 1:
         return np.zeros(len(x), dtype=int)
     if len(x) > 20000:  # mini-batch k-means: 100k scans in seconds on a CPU (docs/selection.md)
-        km = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=3)
+        km = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=1)  # k-means++ init is most of the time
     else:
         km = KMeans(k, random_state=seed, n_init=3)
     return km.fit_predict(x)
 
 
-def typicality(x: np.ndarray, seed: int = 0, k: int = TYPICALITY_K, ref_cap: int = TYPICALITY_REF) -> np.ndarray:
-    """1 / mean distance to the k nearest other members (TypiClust's density). x: one cluster's unit-norm features
-    (distances come from dot products)."""
+def typicality(x: np.ndarray, seed: int = 0, k: int = TYPICALITY_K, ref_cap: int = TYPICALITY_REF,
+               rows=None) -> np.ndarray:
+    """1 / mean distance to the k nearest other members (TypiClust's density), for `rows` of x (default: all).
+    x: one cluster's unit-norm features (distances come from dot products)."""
     n = len(x)
+    rows_wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=int)
     if n < 2:
-        return np.ones(n)
+        return np.ones(len(rows_wanted))
     ref_idx = np.arange(n) if n <= ref_cap else np.sort(np.random.default_rng([seed, 5]).choice(n, ref_cap, False))
     ref = x[ref_idx]
     k = min(k, len(ref) - 1)
     self_col = np.full(n, -1)
     self_col[ref_idx] = np.arange(len(ref_idx))
-    out = np.empty(n)
-    for s in range(0, n, 4096):  # chunks keep the distance matrix small for a cluster of 100k scans
-        rows = np.arange(s, min(n, s + 4096))
-        d = np.sqrt(np.maximum(2.0 - 2.0 * x[rows] @ ref.T, 0.0))
+    out = np.empty(len(rows_wanted))
+    for s in range(0, len(rows_wanted), 4096):  # chunks keep the distance matrix small for a cluster of 100k scans
+        rows = rows_wanted[s:s + 4096]
+        d = np.sqrt(np.maximum(2.0 - 2.0 * (x[rows] @ ref.T), 0.0))
         own = self_col[rows] >= 0
         d[np.flatnonzero(own), self_col[rows][own]] = np.inf  # a scan is not its own neighbour
-        out[rows] = 1.0 / (np.partition(d, k - 1, axis=1)[:, :k].mean(1) + 1e-12)
+        out[s:s + len(rows)] = 1.0 / (np.partition(d, k - 1, axis=1)[:, :k].mean(1) + 1e-12)
     return out
 
 
@@ -139,25 +141,23 @@ def choose(features: np.ndarray, budget: int, strategy: str = "typiclust", seed:
             order.append(i)
             take(i)
     elif strategy == "kcenter":
-        mind = np.full(n, np.inf)
-
-        def near(centres):
-            for s in range(0, len(cand), 8192):
-                rows = cand[s:s + 8192]
-                d = np.maximum(2.0 - 2.0 * x[rows] @ x[centres].T, 0.0).min(1)
-                mind[rows] = np.minimum(mind[rows], d)
-
+        xc = np.ascontiguousarray(x[cand])  # one copy: each step is then a matrix-vector product over the pool
+        gc = groups[cand]
+        # squared distance of each candidate to its nearest labeled or chosen scan; -1 marks one that cannot be chosen
+        mind = np.where(eligible[cand], np.inf, -1.0).astype(np.float32)
         for s in range(0, len(labeled), 1024):
-            near(labeled[s:s + 1024])
+            mind = np.minimum(mind, np.maximum(2.0 - 2.0 * (xc @ x[labeled[s:s + 1024]].T), 0.0).min(1))
         for _ in range(budget):
-            if not np.isfinite(mind[eligible]).any():  # nothing labeled yet: a seeded random start
-                i = rng.choice(np.flatnonzero(eligible))
+            if np.isinf(mind).any():  # nothing labeled yet: a seeded random start
+                j = rng.choice(np.flatnonzero(mind > 0))
             else:
-                el = np.flatnonzero(eligible)
-                i = el[np.argmax(mind[el])]
-            order.append(i)
-            take(i)
-            near(np.array([i]))
+                j = int(np.argmax(mind))
+            order.append(cand[j])
+            take(cand[j])
+            mind[j] = -1.0
+            if not same_patient:
+                mind[gc == gc[j]] = -1.0
+            mind = np.minimum(mind, np.maximum(2.0 - 2.0 * (xc @ xc[j]), 0.0))
     else:
         for i in rng.permutation(cand):
             if len(order) == budget:
@@ -166,8 +166,11 @@ def choose(features: np.ndarray, budget: int, strategy: str = "typiclust", seed:
                 order.append(i)
                 take(i)
     order = np.array(order, dtype=int)
-    for c in np.unique(cl[order]):
-        typ_of(c)
+    for c in np.unique(cl[order]):  # the other strategies: typicality of the chosen scans only, for the report
+        if np.isnan(typ[order[cl[order] == c]]).any():
+            members = universe[cl[universe] == c]
+            mine = np.flatnonzero(np.isin(members, order))
+            typ[members[mine]] = typicality(x[members], seed + int(c), rows=mine)
     info = {"strategy": strategy, "clusters": k, "clusters_covered_before": before,
             "clusters_covered": int((covered > 0).sum()), "candidates": int(len(cand)),
             "already_labeled": int(len(labeled))}
@@ -202,6 +205,22 @@ def _short(key: str, most: int = 22) -> str:
     return name if len(name) <= most else "…" + name[-(most - 1):]
 
 
+def _stored_embeddings(path, keys: list) -> tuple:
+    """(keys, features) of DATA's scans from a `medcl embed` output, in DATA's order; refuses another folder's."""
+    p = Path(path)
+    p = p / "embeddings.npz" if p.is_dir() else p
+    if not p.is_file():
+        raise SelectionError(f"--embeddings {path}: no embeddings.npz there (write one with medcl embed).")
+    with np.load(p, allow_pickle=False) as z:
+        feats, paths = z["features"], [str(k) for k in z["paths"]]
+    pos = {k: i for i, k in enumerate(paths)}
+    have = [k for k in keys if k in pos]
+    if len(have) < 0.9 * len(keys):
+        raise SelectionError(f"--embeddings {path}: holds {len(have)} of DATA's {len(keys)} scans: it was made from "
+                             "another folder or selection. Run medcl embed on this DATA, or leave --embeddings out.")
+    return have, feats[[pos[k] for k in have]]
+
+
 def contact_sheet(images: np.ndarray, dims: int, titles: list, path: Path):
     """A grid of the chosen scans (middle axial slice of a volume), titled with rank and cluster; returns the figure."""
     from . import tensorboard as tb
@@ -225,11 +244,13 @@ def contact_sheet(images: np.ndarray, dims: int, titles: list, path: Path):
 
 def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust", already_labeled=None, seed: int = 0,
                  labels=None, same_patient: bool = False, overwrite: bool = False, device="auto",
-                 max_points: int = 10000, progress=True, log=print, select=None) -> Path:
+                 max_points: int = 10000, progress=True, log=print, select=None, embeddings=None) -> Path:
     """Choose `budget` scans of `data` to label next; writes to_label.csv, to_label.png and TensorBoard events.
 
     labels: an optional CSV whose patient and split columns are read (never its labels): test scans are never
-    chosen, and patients are respected. already_labeled: a CSV of the scans labeled so far (path column)."""
+    chosen, and patients are respected. already_labeled: CSV(s) of the scans labeled so far (path column).
+    embeddings: a `medcl embed` folder (or its embeddings.npz) of DATA made with this checkpoint: its features are
+    used instead of encoding every scan again, and only the scans shown are decoded (later rounds of the loop)."""
     from . import tensorboard as tb
     from .data.cache import build_cache, write_skipped
     from .data.discover import open_source
@@ -258,16 +279,18 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
         if s == "test":
             test.add(key)
     done = []
-    if already_labeled:
-        listed = read_scan_list(already_labeled, root)
+    already_labeled = [already_labeled] if isinstance(already_labeled, (str, Path)) else list(already_labeled or [])
+    for csv_path in already_labeled:  # one CSV per round of labeling, or one that holds them all
+        listed = read_scan_list(csv_path, root)
         unknown = [k for k, _, _ in listed if k not in index]
         if unknown:
-            raise SelectionError(f"--already-labeled {already_labeled}: {len(unknown)} path(s) are not scans under "
+            raise SelectionError(f"--already-labeled {csv_path}: {len(unknown)} path(s) are not scans under "
                                  f"{data} (first: {unknown[:3]}); paths must be relative to DATA.")
         for key, p, _ in listed:
             if p:
                 patient[key] = p
-        done = [k for k, _, _ in listed]
+        done += [k for k, _, _ in listed]
+    done = list(dict.fromkeys(done))
     # the pool, checked before anything is written: a budget it cannot meet is refused here
     free = [k for k in keys if k not in test and k not in set(done)]
     free_patients = len({patient.get(k, k) for k in free} - {patient.get(k, k) for k in done})
@@ -277,16 +300,27 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
                              + ("" if same_patient or free_patients == len(free) else
                                 f"; {free_patients} patients not yet labeled: --allow-same-patient lifts that")
                              + "). Lower --budget.")
+    stored = _stored_embeddings(embeddings, keys) if embeddings else None
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="to_label.csv")
-    dev = pick_device(device)
-    scans = build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
-                        settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
-    write_skipped(scans.skipped, out / "skipped.csv")
-    if scans.skipped:
-        log(f"skipped {len(scans.skipped)} unreadable scans (see {out / 'skipped.csv'})")
-    keys = [r.key for r in scans.records]
-    log(f"encoding {len(keys)} scans")
-    feats = encode(encoder.to(dev), scans, dev)
+
+    def decode(src):
+        return build_cache(src, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
+                           settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
+
+    if stored is None:
+        scans = decode(source)
+        write_skipped(scans.skipped, out / "skipped.csv")
+        if scans.skipped:
+            log(f"skipped {len(scans.skipped)} unreadable scans (see {out / 'skipped.csv'})")
+        keys = [r.key for r in scans.records]
+        log(f"encoding {len(keys)} scans")
+        dev = pick_device(device)
+        feats = encode(encoder.to(dev), scans, dev)
+    else:
+        keys, feats = stored
+        if len(keys) < len(source.records):
+            log(f"{len(source.records) - len(keys)} scans of DATA are not in {embeddings} (unreadable when it was "
+                f"made?): they are not candidates")
     t_sel = time.perf_counter()
     done_set = set(done)
     rows_labeled = np.array([i for i, k in enumerate(keys) if k in done_set], dtype=int)
@@ -300,10 +334,23 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
         w.writerow(["path", "rank", "cluster", "typicality"] + (["patient"] if has_patient else []) + ["label"])
         for rank, (i, c, t) in enumerate(zip(picked.order, picked.cluster, picked.typicality), 1):
             w.writerow([keys[i], rank, int(c), f"{t:.4f}"] + ([groups[i]] if has_patient else []) + [""])
-    show = picked.order[:CONTACT_SHEET_MAX]
-    fig = contact_sheet(scans.batch(show), dims, [f"#{r} c{c}\n{_short(keys[i])}" for r, (i, c) in
-                                                  enumerate(zip(show, picked.cluster), 1)], out / "to_label.png")
     rank_of = {int(i): r for r, i in enumerate(picked.order, 1)}
+    shown = np.arange(len(keys))
+    if stored is not None:  # decode only what is shown: the chosen scans and the projector's sample
+        if len(keys) > max_points:
+            rest = np.setdiff1d(shown, picked.order)
+            shown = np.sort(np.concatenate([picked.order, np.random.default_rng(0).choice(
+                rest, max(0, max_points - len(picked.order)), replace=False)]))
+        by_key = {r.key: r for r in source.records}
+        source.records = [by_key[keys[i]] for i in shown]
+        scans = decode(source)
+        kept = {r.key for r in scans.records}
+        shown = np.array([i for i in shown if keys[i] in kept], dtype=int)
+    at = {int(i): j for j, i in enumerate(shown)}  # row of `scans` for a row of `keys`
+    sheet = [i for i in picked.order[:CONTACT_SHEET_MAX] if int(i) in at]
+    fig = contact_sheet(scans.batch([at[int(i)] for i in sheet]), dims,
+                        [f"#{rank_of[int(i)]} c{picked.cluster[rank_of[int(i)] - 1]}\n{_short(keys[i])}"
+                         for i in sheet], out / "to_label.png")
     role = ["to label" if i in rank_of else "labeled" if k in done_set else "test" if k in test else "-"
             for i, k in enumerate(keys)]
     meta = [[k, role[i], str(rank_of.get(i, "-")), groups[i]] for i, k in enumerate(keys)]
@@ -312,12 +359,14 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
         tb.log_figure(writer, "selection/to_label", fig)
         tb.log_text(writer, "selection/summary", f"{strategy}: {budget} scans to label; " +
                     ", ".join(f"{k} {v}" for k, v in picked.info.items()))
-        write_projector(writer, feats, scans, dims, ["path", "selection", "rank", "patient"], meta, max_points,
-                        keep=picked.order, log=log)
+        write_projector(writer, feats[shown], scans, dims, ["path", "selection", "rank", "patient"],
+                        [meta[i] for i in shown], max_points, keep=[at[int(i)] for i in picked.order if int(i) in at],
+                        log=log)
     finally:
         writer.close()
     info = {**picked.info, "budget": budget, "seed": seed, "checkpoint": str(checkpoint), "data": str(data),
-            "already_labeled_csv": str(already_labeled) if already_labeled else None, "same_patient": same_patient,
+            "already_labeled_csv": [str(p) for p in already_labeled], "same_patient": same_patient,
+            "embeddings": str(embeddings) if embeddings else None,
             "n_scans": len(keys), "n_test_excluded": int(sum(k in test for k in keys)),
             "select_seconds": round(select_s, 2), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "selection.json", info)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medcl.cli import main
+from medcl.data.labels import read_labels_csv
 from medcl.encoders import Encoder, export_encoder
 from medcl.select import STRATEGIES, SelectionError, choose, typicality
 
@@ -126,18 +127,30 @@ def test_select_command_writes_the_list_never_a_test_scan_and_works_as_a_loop(tm
     before = (out / "to_label.csv").read_bytes()
     assert main([*map(str, base), "--budget", "3", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "to_label.csv").read_bytes() == before
-    # the loop: fill in the labels, then ask for the next ones
+    # the loop: fill in the label column of to_label.csv; it is then a LABELS.csv; ask for the next ones
     filled = tmp_path / "labeled.csv"
     truth = {r["path"]: r["label"] for r in labels}
     with open(filled, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        w.writerows([p, truth[p]] for p in first)
+        w = csv.DictWriter(f, fieldnames=list(got[0]))
+        w.writeheader()
+        w.writerows({**r, "label": truth[r["path"]]} for r in got)
+    table = read_labels_csv(filled, phantoms2d, multiclass=True)
+    assert table.keys == first and table.has_patient
     assert main([*map(str, base), "--budget", "5", "--already-labeled", str(filled), "--out",
                  str(tmp_path / "r2")]) == 0
     second = [r["path"] for r in _rows(tmp_path / "r2" / "to_label.csv")]
     assert len(second) == 5 and not set(second) & set(first) and not set(second) & test
     assert not {patient[p] for p in second} & {patient[p] for p in first}  # a labeled patient is not chosen again
+    assert main([*map(str, base), "--budget", "4", "--already-labeled", str(filled), "--already-labeled",
+                 str(tmp_path / "r2" / "to_label.csv"), "--out", str(tmp_path / "r3")]) == 0  # one list per round
+    third = [r["path"] for r in _rows(tmp_path / "r3" / "to_label.csv")]
+    assert len(third) == 4 and not set(third) & (set(first) | set(second) | test)
+    # later rounds on a large folder: features from a `medcl embed` output instead of encoding again; same choice
+    assert main(["embed", "--checkpoint", str(enc), "--data", str(phantoms2d), "--out", str(tmp_path / "emb")]) == 0
+    assert main([*map(str, base), "--budget", "6", "--embeddings", str(tmp_path / "emb"), "--max-points", "20",
+                 "--out", str(tmp_path / "r1e")]) == 0
+    assert [r["path"] for r in _rows(tmp_path / "r1e" / "to_label.csv")] == first
+    assert next((tmp_path / "r1e" / "tb").rglob("metadata.tsv")).read_text().count("to label") == 6
     assert main([*map(str, base), "--budget", "3", "--overwrite", "--out", str(out)]) == 0
     assert len(_rows(out / "to_label.csv")) == 3
 
@@ -159,7 +172,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, phantoms2d, capsys):
     empty.mkdir()
     stranger = tmp_path / "stranger.csv"
     stranger.write_text("path,label\nscans/p0000_0.png,healthy\nnot/here.png,diseased\n")
+    np.savez(tmp_path / "other.npz", features=np.zeros((2, 8)), paths=np.array(["a.png", "b.png"]))
     cases = [(["--data", phantoms2d, "--budget", "49"], "larger than the pool"),
+             (["--data", phantoms2d, "--budget", "2", "--embeddings", tmp_path / "other.npz"], "another folder"),
              (["--data", phantoms2d, "--budget", "25", "--labels", phantoms2d / "labels.csv"], "same-patient"),
              (["--data", empty, "--budget", "2"], "no scans found"),
              (["--data", phantoms2d, "--budget", "2", "--already-labeled", stranger], "not/here.png")]

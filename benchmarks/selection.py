@@ -1,0 +1,141 @@
+"""Which scans to label: does choosing them pay, and how fast is the choice? Prints tables; not a test.
+
+speed:   `medcl.select.choose` on N synthetic embeddings (default 100,000 x 256-d, the default encoder's width: a
+         mixture of 50 anisotropic clusters on the sphere), per strategy and budget. Encoding the scans is not
+         included: that is `medcl embed`'s cost, the same for every strategy.
+quality: `medcl evaluate --selection typiclust kcenter random --per-class 10 25 --heads linear --baseline none`
+         (20 and 50 labels, binary tasks) on the suite's 2D datasets, with the encoders benchmarks/suite.py
+         pretrained (RUNS/<dataset>/pretrain); every strategy against random selection with the same head.
+
+end-to-end: `medcl select --budget 100` on an .npz of N scans (PneumoniaMNIST's images repeated with noise), each
+         strategy: wall time of the whole command, and of the choice alone.
+
+Usage:  python benchmarks/selection.py speed [--n 100000] [--dim 256]
+        python benchmarks/selection.py end-to-end [--n 100000] [--runs runs/suite]
+        python benchmarks/selection.py quality [--runs runs/suite] [--seeds 5] [--datasets pneumoniamnist ...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("typiclust", "kcenter", "random")
+QUALITY_2D = ("pneumoniamnist", "retinamnist", "chest_xray_pneumonia_224", "isic")
+
+
+def speed(a):
+    from medcl.select import choose
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, a.dim))
+    scales = rng.uniform(0.2, 1.0, size=(50, a.dim))
+    which = rng.integers(0, 50, a.n)
+    x = (centres[which] + rng.normal(size=(a.n, a.dim)) * scales[which]).astype(np.float32)
+    print(f"{a.n} embeddings x {a.dim}-d; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n")
+    print("| strategy | budget | already labeled | seconds |")
+    print("|---|---|---|---|")
+    for budget, labeled in ((20, 0), (100, 0), (1000, 0), (100, 1000)):
+        done = rng.choice(a.n, labeled, replace=False) if labeled else None
+        for s in STRATEGIES:
+            t0 = time.perf_counter()
+            choose(x, budget, s, seed=0, labeled=done)
+            print(f"| {s} | {budget} | {labeled} | {time.perf_counter() - t0:.1f} |", flush=True)
+
+
+def end_to_end(a):
+    """`medcl select` as a user runs it on N scans: PneumoniaMNIST's images repeated with a little noise to N, in an
+    .npz outside the repo, encoded by the suite's PneumoniaMNIST encoder (decode + encode + choose + outputs)."""
+    from suite import DATASETS, medcl
+
+    src = np.load(DATASETS["pneumoniamnist"][0])
+    imgs = np.concatenate([src[f"{s}_images"] for s in ("train", "val")])
+    rng = np.random.default_rng(0)
+    reps = imgs[np.arange(a.n) % len(imgs)].astype(np.int16) + rng.integers(-8, 9, (a.n,) + imgs.shape[1:])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(exist_ok=True)
+    npz = out / "data" / f"pneumonia_x{a.n}.npz"  # the outputs may not sit in the data's folder
+    np.savez(npz, train_images=np.clip(reps, 0, 255).astype(np.uint8), train_labels=np.zeros((a.n, 1), np.uint8))
+    for s in STRATEGIES:
+        args = ["select", "--checkpoint", Path(a.runs) / "pneumoniamnist" / "pretrain", "--data", npz, "--budget", 100,
+                "--strategy", s, "--out", out / f"e2e_{s}", "--overwrite"]
+        wall = medcl(args, out / f"e2e_{s}.log")
+        sel = json.loads((out / f"e2e_{s}" / "selection.json").read_text())
+        print(f"| {s} | {a.n} | 100 | {wall:.0f} | {sel['select_seconds']:.1f} |", flush=True)
+
+
+def quality(a):
+    from suite import DATASETS, medcl
+
+    runs = Path(a.runs)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| dataset | labels | selection | linear AUC (mean ± sd) | random | difference | both classes | "
+             "pretrained − random-init (same subsets) |", "|---|---|---|---|---|---|---|---|"]
+    walls = []
+    for name in a.datasets:
+        data, labels, task, _ = DATASETS[name]
+        pre = runs / name / "pretrain"
+        if not data.exists() or not (pre / "encoder.pt").is_file():
+            print(f"{name}: skipped ({data if not data.exists() else pre / 'encoder.pt'} is absent; run "
+                  f"benchmarks/suite.py --stage pretrain first)")
+            continue
+        ev = out / name
+        args = ["evaluate", "--checkpoint", pre, "--data", data, "--out", ev, "--overwrite", "--seeds", a.seeds,
+                "--per-class", "10", "25", "--selection", *STRATEGIES, "--heads", "linear", "--baseline", "none",
+                *(["--labels", labels] if labels else []), *task]
+        if not (ev / "results.csv").is_file() or a.rerun:
+            wall = medcl(args, out / f"{name}.log")
+            (out / f"{name}.json").write_text(json.dumps({"wall_s": wall, "command": "medcl " +
+                                                          " ".join(map(str, args))}))
+        wall = json.loads((out / f"{name}.json").read_text())["wall_s"]
+        walls.append(f"{name} {wall / 60:.1f} min")
+        rows = list(csv.DictReader(open(ev / "results.csv")))
+
+        def aucs(sel, n, enc="pretrained"):
+            return np.array([float(r["auc"]) for r in rows if r["selection"] == sel and r["encoder"] == enc
+                             and int(r["n_labeled"]) == n])
+
+        for n in sorted({int(r["n_labeled"]) for r in rows}):
+            ref = aucs("random", n)
+            for sel in STRATEGIES:
+                v = aucs(sel, n)
+                both = sum(int(r["classes_labeled"]) >= 2 for r in rows if r["selection"] == sel and
+                           r["encoder"] == "pretrained" and int(r["n_labeled"]) == n)
+                ctrl = v - aucs(sel, n, "random-init")
+                lines.append(f"| {name} | {n} | {sel} | {v.mean():.3f} ± {v.std(ddof=1):.3f} | "
+                             + (f"{ref.mean():.3f} ± {ref.std(ddof=1):.3f} | {v.mean() - ref.mean():+.3f}"
+                                if sel != "random" else "| ") + f" | {both}/{len(v)} | {ctrl.mean():+.3f} |")
+    table = "\n".join(lines) + "\n\nwall time (encode both encoders + every run): " + ", ".join(walls) + "\n"
+    (out / "selection_table.md").write_text(table)
+    print(table)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("speed", "end-to-end", "quality"))
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "suite"), help="benchmarks/suite.py's --out")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "selection"))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--datasets", nargs="*", default=list(QUALITY_2D))
+    ap.add_argument("--rerun", action="store_true", help="evaluate again even where results exist")
+    a = ap.parse_args()
+    {"speed": speed, "end-to-end": end_to_end, "quality": quality}[a.stage](a)
+
+
+if __name__ == "__main__":
+    main()
