@@ -7,8 +7,9 @@ quality: `medcl evaluate --selection typiclust kcenter random --per-class 10 25 
          (20 and 50 labels, binary tasks) on the suite's 2D datasets, with the encoders benchmarks/suite.py
          pretrained (RUNS/<dataset>/pretrain); every strategy against random selection with the same head.
 
-end-to-end: `medcl select --budget 100` on an .npz of N scans (PneumoniaMNIST's images repeated with noise), each
-         strategy: wall time of the whole command, and of the choice alone.
+end-to-end: `medcl select --budget 100` on an .npz of N scans (PneumoniaMNIST's images repeated with noise): the
+         whole command (decode + encode + choose + outputs), then `medcl embed` once and `medcl select --embeddings`
+         per strategy (later rounds of the loop); wall time of each command and of the choice alone.
 
 Usage:  python benchmarks/selection.py speed [--n 100000] [--dim 256]
         python benchmarks/selection.py end-to-end [--n 100000] [--runs runs/suite]
@@ -68,12 +69,22 @@ def end_to_end(a):
     (out / "data").mkdir(exist_ok=True)
     npz = out / "data" / f"pneumonia_x{a.n}.npz"  # the outputs may not sit in the data's folder
     np.savez(npz, train_images=np.clip(reps, 0, 255).astype(np.uint8), train_labels=np.zeros((a.n, 1), np.uint8))
-    for s in STRATEGIES:
-        args = ["select", "--checkpoint", Path(a.runs) / "pneumoniamnist" / "pretrain", "--data", npz, "--budget", 100,
-                "--strategy", s, "--out", out / f"e2e_{s}", "--overwrite"]
-        wall = medcl(args, out / f"e2e_{s}.log")
-        sel = json.loads((out / f"e2e_{s}" / "selection.json").read_text())
-        print(f"| {s} | {a.n} | 100 | {wall:.0f} | {sel['select_seconds']:.1f} |", flush=True)
+    ck = Path(a.runs) / "pneumoniamnist" / "pretrain"
+    print("| command | scans | budget | wall s | choice s |\n|---|---|---|---|---|")
+
+    def select(strategy, *extra):
+        args = ["select", "--checkpoint", ck, "--data", npz, "--budget", 100, "--strategy", strategy, "--out",
+                out / f"sel_{strategy}{'_emb' if extra else ''}", "--overwrite", *extra]
+        wall = medcl(args, out / f"sel_{strategy}{'_emb' if extra else ''}.log")
+        sel = json.loads((out / f"sel_{strategy}{'_emb' if extra else ''}" / "selection.json").read_text())
+        print(f"| medcl {' '.join(map(str, args[::]))} | {a.n} | 100 | {wall:.0f} | {sel['select_seconds']:.1f} |",
+              flush=True)
+
+    select("typiclust")  # the first round: decode + encode every scan
+    wall = medcl(["embed", "--checkpoint", ck, "--data", npz, "--out", out / "emb", "--overwrite"], out / "emb.log")
+    print(f"| medcl embed --checkpoint {ck} --data {npz} --out {out / 'emb'} | {a.n} | | {wall:.0f} | |", flush=True)
+    for s in STRATEGIES:  # later rounds: the stored features, only the shown scans decoded
+        select(s, "--embeddings", out / "emb")
 
 
 def quality(a):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LabelsError, MedclError
+from .errors import MedclError
 
 STRATEGIES = ("typiclust", "kcenter", "random")
 MAX_CLUSTERS = 500  # TypiClust's cap: past this, more clusters add time, not coverage
@@ -179,27 +179,6 @@ def choose(features: np.ndarray, budget: int, strategy: str = "typiclust", seed:
 
 # ---- the command: encode, choose, write to_label.csv, the contact sheet and the projector --------------------
 
-def read_scan_list(path, data_root) -> list:
-    """(key, patient or None, split or None) per row of a CSV with a path column (labels are not read)."""
-    from .data.labels import _norm_path
-
-    path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in cols:
-            raise LabelsError(f"{path}: no 'path' column (found {cols}); expected a header 'path,label[,patient]'.")
-        rows = []
-        for n, r in enumerate(reader, start=2):
-            r = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
-            if r.get("path"):
-                rows.append((_norm_path(r["path"], False, n, data_root), r.get("patient") or None,
-                             (r.get("split") or "").lower() or None))
-    return rows
-
-
 def _short(key: str, most: int = 22) -> str:
     name = key.rsplit("/", 1)[-1]
     return name if len(name) <= most else "…" + name[-(most - 1):]
@@ -254,6 +233,7 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
     from . import tensorboard as tb
     from .data.cache import build_cache, write_skipped
     from .data.discover import open_source
+    from .data.labels import read_scan_list
     from .embed import write_projector
     from .encoders import load_encoder
     from .runs import prepare_out_dir, write_json

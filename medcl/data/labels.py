@@ -171,11 +171,12 @@ def resolve_positive(classes: list, positive: str | None, negative: str | None =
     raise LabelsError(f"cannot tell which class is the diseased one among {classes}: pass --positive CLASS.")
 
 
-def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = False, negative=None,
-                    multiclass: bool = False) -> LabelsTable:
+def _csv_rows(path, what: str, required: tuple, header: str) -> tuple:
+    """(columns, [(line number, {column: stripped value})]) of a CSV; one clear error for a missing file, an
+    unreadable file or a missing column."""
     path = Path(path)
     if not path.is_file():
-        raise LabelsError(f"labels file not found: {path}")
+        raise LabelsError(f"{what} not found: {path}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -183,15 +184,22 @@ def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = F
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
         raise LabelsError(f"{path}: not a readable CSV ({e}).") from None
-    missing = [c for c in ("path", "label") if c not in cols]
+    missing = [c for c in required if c not in cols]
     if missing:
-        raise LabelsError(f"{path}: missing column(s) {missing}; found {cols}. Expected a header 'path,label[,patient][,split]'.")
+        raise LabelsError(f"{path}: missing column(s) {missing}; found {cols}. Expected a header '{header}'.")
+    return cols, [(n, {k.strip(): (v or "").strip() for k, v in r.items() if k is not None})
+                  for n, r in enumerate(rows, start=2)]
+
+
+def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = False, negative=None,
+                    multiclass: bool = False) -> LabelsTable:
+    path = Path(path)
+    cols, rows = _csv_rows(path, "labels file", ("path", "label"), "path,label[,patient][,split]")
     keys, labels, patients, splits = [], [], [], []
     seen, rows_of = {}, {}
-    has_patient = "patient" in cols and any((r.get("patient") or "").strip() for r in rows)
+    has_patient = "patient" in cols and any(r.get("patient") for _, r in rows)
     root = Path(data_root) if data_root is not None and Path(data_root).is_dir() else None
-    for n, r in enumerate(rows, start=2):
-        r = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+    for n, r in rows:
         if not r.get("path"):
             raise LabelsError(f"{path} row {n}: empty path.")
         if r.get("label", "") == "":
@@ -291,20 +299,10 @@ def select_budget(y: np.ndarray, candidates: np.ndarray, fraction: float | None 
 
 def read_pairs_csv(path, data_root=None, allow_outside: bool = False):
     """Pairs CSV for the classic pair loss: columns path_a,path_b,similar (1/0, true/false). Returns [(a, b, s)]."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"pairs file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        rows = list(reader)
-    missing = [c for c in ("path_a", "path_b", "similar") if c not in cols]
-    if missing:
-        raise LabelsError(f"{path}: missing column(s) {missing}; expected a header 'path_a,path_b,similar'.")
+    _, rows = _csv_rows(path, "pairs file", ("path_a", "path_b", "similar"), "path_a,path_b,similar")
     root = Path(data_root) if data_root is not None and Path(data_root).is_dir() else None
     out = []
-    for n, r in enumerate(rows, start=2):
-        r = {k.strip(): (v or "").strip() for k, v in r.items() if k is not None}
+    for n, r in rows:
         s = r["similar"].lower()
         if s not in ("1", "0", "true", "false", "yes", "no"):
             raise LabelsError(f"{path} row {n}: similar must be 1/0 (or true/false), got '{r['similar']}'.")
@@ -315,3 +313,11 @@ def read_pairs_csv(path, data_root=None, allow_outside: bool = False):
     if len({s for _, _, s in out}) < 2:
         raise LabelsError(f"{path}: all pairs are {'similar' if out[0][2] else 'dissimilar'}; the pair loss needs both kinds.")
     return out
+
+
+def read_scan_list(path, data_root=None) -> list:
+    """(key, patient or None, split or None) per row of a CSV with a path column; labels, if any, are not read."""
+    root = Path(data_root) if data_root is not None and Path(data_root).is_dir() else None
+    _, rows = _csv_rows(path, "file", ("path",), "path[,label][,patient][,split]")
+    return [(_norm_path(r["path"], False, n, root), r.get("patient") or None, r.get("split", "").lower() or None)
+            for n, r in rows if r.get("path")]
