@@ -141,8 +141,12 @@ def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, see
         n = labels_per_class * ld.n_classes if labels_per_class is not None else \
             max(2 * ld.n_classes, int(round(label_fraction * len(non_test))))
         groups = ld.groups if len(set(ld.groups)) < len(ld.groups) else None
-        lab = np.sort(choose(features, min(n, len(non_test)), selection, seed, candidates=non_test,
-                             groups=groups, same_patient=groups is None).order)
+        if n >= len(non_test):
+            lab = non_test
+        else:  # one scan per patient while the budget allows it
+            many = groups is None or n > len(set(ld.groups[non_test]))
+            lab = np.sort(choose(features, n, selection, seed, candidates=non_test, groups=groups,
+                                 same_patient=many).order)
     else:
         # a fraction takes at least 2 of each class where there are 2 (a class with 1 cannot be cross-validated:
         # the threshold rule then says so); an explicit --labels-per-class that a class cannot meet is an error

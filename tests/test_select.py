@@ -206,6 +206,10 @@ def test_evaluate_draws_each_subset_with_the_strategy_from_non_test_scans(tmp_pa
         lab, pool, te = budget_rows(ld, None, 4, seed=1, selection=strategy, features=feats)
         assert len(lab) == 8 and not set(lab) & test and set(te) == test
         assert len(set(ld.groups[lab])) == 8  # patients repeat in the phantoms: one scan each
+    n_pat = len(set(ld.groups[ld.split != "test"]))
+    for fraction in (0.9, 1.0):  # past one scan per patient, or every non-test scan: still a valid subset
+        lab, pool, te = budget_rows(ld, fraction, None, seed=0, selection="typiclust", features=feats)
+        assert len(lab) > n_pat and not set(lab) & test
 
 
 def test_a_subset_with_one_class_predicts_the_prior(phantoms2d):
