@@ -1,7 +1,8 @@
 """medcl: contrastive pretraining of 2D/3D medical scan encoders, few-label evaluation, TensorBoard inspection.
 
 Python API mirrors the CLI: medcl.pretrain(...), medcl.finetune(...), medcl.embed(...), medcl.evaluate(...), medcl.select(...),
-medcl.demo(...).
+medcl.predict(...), medcl.demo(...); medcl.load_classifier(FT_DIR).predict(paths_or_arrays) and
+medcl.load_encoder(RUN_DIR)(tensor) for your own code.
 """
 import logging as _logging
 
@@ -26,6 +27,15 @@ def __getattr__(name):  # lazy: importing medcl stays cheap
     if name == "select":
         from .select import select_scans
         return select_scans
+    if name == "predict":
+        from .predict import predict
+        return predict
+    if name == "load_classifier":
+        from .predict import load_classifier
+        return load_classifier
+    if name == "load_encoder":
+        from .encoders import open_encoder
+        return open_encoder
     if name == "demo":
         from .demo import demo
         return demo

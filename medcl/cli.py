@@ -39,6 +39,12 @@ EPILOG_SELECT = """examples:
   medcl select --checkpoint runs/simclr --data scans/ --budget 20 --already-labeled labels.csv --out sel/round2
 then: tensorboard --logdir sel/round1   (IMAGES: the contact sheet; PROJECTOR: colour by 'selection')
 """
+EPILOG_PREDICT = """examples:
+  medcl predict --classifier ft/1pct --data new_scans/ --out pred/week48
+  medcl predict --classifier ft/1pct --data new_scans/ --out pred/week48 --operating-point sensitivity=0.95
+  medcl predict --classifier ft/1pct --data held_out/ --labels held_out/labels.csv --out pred/check   # + metrics.json
+in Python: clf = medcl.load_classifier("ft/1pct"); clf.predict(["a.png", array]) -> probabilities
+"""
 EPILOG_EVALUATE = """examples:
   medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/pm
   medcl evaluate --checkpoint runs/simclr --data scans/ --labels labels.csv --out eval/x \\
@@ -259,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_args(s)
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
+    r = sub.add_parser("predict", help="run a fine-tuned classifier on new scans", formatter_class=fmt,
+                       parents=[quiet],
+                       description="Predict every scan of DATA with a classifier from `medcl finetune`, using the "
+                                   "preprocessing and threshold it was trained with (or another operating point, "
+                                   "chosen from its cross-validation predictions). Writes predictions.csv (path, "
+                                   "probability, prediction, threshold, operating_point) and skipped.csv; with "
+                                   "--labels also metrics.json.", epilog=EPILOG_PREDICT)
+    r.add_argument("--classifier", required=True, help="a finetune output folder (or its classifier.pt)")
+    r.add_argument("--data", required=True, help="scan folder, scan file or MedMNIST .npz")
+    r.add_argument("--out", required=True, help="output folder (predictions.csv, skipped.csv[, metrics.json])")
+    r.add_argument("--operating-point", help="youden, sensitivity=0.95 or specificity=0.9, chosen from the "
+                                             "classifier's out-of-fold predictions (default: the one it was "
+                                             "fine-tuned with)")
+    r.add_argument("--labels", help="LABELS.csv of DATA: also score the predictions (metrics.json)")
+    r.add_argument("--positive", help="diseased class in --labels (default: the classifier's)")
+    r.add_argument("--strict", action="store_true", help="stop at the first unreadable scan instead of skipping it")
+    _selection_args(r)
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
     c = sub.add_parser("config", help="show the resolved config with every key's meaning, or list the recipes",
                        formatter_class=fmt, parents=[quiet],
                        description="`medcl config show` prints the config a run would use (defaults <- --config <- "
@@ -427,6 +452,11 @@ def main(argv=None) -> int:
                      positive=a.positive, overwrite=a.overwrite, finetune_max_labels=a.finetune_max_labels,
                      progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a),
                      selection=a.selection)
+        elif a.command == "predict":
+            from .predict import predict
+
+            predict(a.classifier, a.data, a.out, a.operating_point, a.labels, a.positive, a.overwrite,
+                    strict=a.strict, progress=progress, select=_selection(a))
         elif a.command == "select":
             from .select import select_scans
 

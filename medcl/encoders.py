@@ -114,3 +114,12 @@ def load_encoder(checkpoint) -> tuple[Encoder, dict]:
         raise CheckpointError(f"{path}: encoder weights do not match the network "
                               f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}).")
     return enc, obj.get("extra", {})
+
+
+def open_encoder(checkpoint) -> Encoder:
+    """`medcl.load_encoder`: the encoder of a pretrain run folder (or encoder.pt), loaded strictly with
+    weights_only=True, in eval mode: `enc(tensor) -> features`. `enc.data_settings` is the preprocessing it was
+    trained with (dims, size, channels, intensity)."""
+    enc, extra = load_encoder(checkpoint)
+    enc.data_settings = dict(extra.get("data", {}))
+    return enc.eval()

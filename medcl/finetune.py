@@ -277,8 +277,13 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
             pred = int(p[1] >= thr) if binary else int(p.argmax())
             w.writerow([ld.scans.records[i].key, ld.table.labels[i], int(ld.y[i])] + [f"{v:.6f}" for v in p] + [names[pred]])
     if fit.classifier is not None:
-        save_classifier(fit.classifier, encoder.spec, {"data": settings}, ld.table.class_names(), thr,
-                        out / "classifier.pt")
+        # the labeled scans' out-of-fold predictions travel with the classifier: `medcl predict` can then choose
+        # another operating point without the training data
+        oof = ({"y": ld.y[lab].tolist(), "p": fit.oof[:, 1].tolist()}
+               if binary and np.all(np.isfinite(fit.oof)) else None)
+        save_classifier(fit.classifier, encoder.spec, {"data": settings, "operating_point": operating_point,
+                                                       "threshold_rule": rule, "oof": oof},
+                        ld.table.class_names(), thr, out / "classifier.pt")
     writer = tb.open_writer(out / "tb")
     try:
         from .report import log_evaluation
