@@ -284,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_args(r)
     r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
+    x = sub.add_parser("export", help="save a classifier as one .pt2 file that plain PyTorch runs",
+                       formatter_class=fmt, parents=[quiet],
+                       description="Export a `medcl finetune` classifier with torch.export: the file maps a "
+                                   "preprocessed batch to class probabilities and loads with "
+                                   "torch.export.load(path).module(), without medcl. Its medcl.json (extra file) "
+                                   "holds the classes, threshold and preprocessing.",
+                       epilog="example:\n  medcl export --classifier ft/1pct --out models/pneumonia.pt2")
+    x.add_argument("--classifier", required=True, help="a finetune output folder (or its classifier.pt)")
+    x.add_argument("--out", required=True, help="the file to write, *.pt2")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
     c = sub.add_parser("config", help="show the resolved config with every key's meaning, or list the recipes",
                        formatter_class=fmt, parents=[quiet],
                        description="`medcl config show` prints the config a run would use (defaults <- --config <- "
@@ -457,6 +468,10 @@ def main(argv=None) -> int:
 
             predict(a.classifier, a.data, a.out, a.operating_point, a.labels, a.positive, a.overwrite,
                     strict=a.strict, progress=progress, select=_selection(a))
+        elif a.command == "export":
+            from .export import export_classifier
+
+            export_classifier(a.classifier, a.out, a.overwrite)
         elif a.command == "select":
             from .select import select_scans
 

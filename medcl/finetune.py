@@ -211,7 +211,11 @@ def load_classifier(path) -> tuple[Classifier, dict]:
     from .errors import CheckpointError
 
     obj = safe_load(path, "classifier")
-    if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("medcl-classifier-") and fmt != CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{path} was written by another medcl version (format {fmt}; this medcl reads "
+                              f"{CLASSIFIER_FORMAT}): use the medcl that wrote it, or upgrade.")
+    if fmt != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path} is not a medcl classifier (written by medcl finetune as classifier.pt).")
     enc = Encoder(**obj["spec"])
     enc.load_state_dict(obj["encoder"], strict=True)

@@ -1,6 +1,7 @@
 """`medcl predict` and the Python API: the classifier on new scans, with its own preprocessing and threshold."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -80,6 +81,20 @@ def test_bad_input_is_one_line_and_nothing_is_lost(trained, phantoms3d, tmp_path
         assert main(["predict", "--classifier", str(tmp / "ft"), "--data", str(data), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+    newer = tmp_path / "newer"  # a classifier folder from a newer medcl
+    newer.mkdir()
+    obj = torch.load(tmp / "ft" / "classifier.pt", weights_only=True)
+    torch.save({**obj, "format": "medcl-classifier-v9"}, newer / "classifier.pt")
+    assert main(["predict", "--classifier", str(newer), "--data", str(new), "--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "medcl-classifier-v9" in err and not (tmp_path / "n").exists()
+    mixed = tmp_path / "mixed"  # a corrupt file among good scans: listed in skipped.csv, the rest predicted
+    shutil.copytree(new / "scans", mixed)
+    (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["--quiet", "predict", "--classifier", str(tmp / "ft"), "--data", str(mixed), "--out",
+                 str(tmp_path / "m")]) == 0
+    assert len(_read(tmp_path / "m" / "predictions.csv")) == 16
+    assert "broken.png" in (tmp_path / "m" / "skipped.csv").read_text()
     out = tmp_path / "kept"
     assert main(["--quiet", "predict", "--classifier", str(tmp / "ft"), "--data", str(new), "--out", str(out)]) == 0
     before = (out / "predictions.csv").read_bytes()
@@ -97,3 +112,26 @@ def test_the_api_example_in_the_docs_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/api.md", "exec"), {"__name__": "api_example"})
     assert (tmp_path / "api_example" / "ft" / "classifier.pt").is_file()
+
+
+def test_the_exported_classifier_runs_with_plain_torch_and_gives_the_same_probabilities(trained, tmp_path):
+    import subprocess
+    import sys
+
+    tmp, new = trained
+    assert main(["--quiet", "export", "--classifier", str(tmp / "ft"), "--out", str(tmp_path / "m.pt2")]) == 0
+    assert main(["--quiet", "export", "--classifier", str(tmp / "ft"), "--out", str(tmp_path / "m.pt2")]) == 2
+    clf = medcl.load_classifier(tmp / "ft")
+    paths = sorted((new / "scans").glob("*.png"))
+    np.save(tmp_path / "x.npy", np.stack([clf.preprocess(p) for p in paths]))
+    code = ("import json, sys, numpy as np, torch\n"
+            "extra = {'medcl.json': ''}\n"
+            "m = torch.export.load(sys.argv[1], extra_files=extra).module()\n"
+            "np.save(sys.argv[3], m(torch.as_tensor(np.load(sys.argv[2]))).detach().numpy())\n"
+            "assert 'medcl' not in sys.modules\n"
+            "print(json.loads(extra['medcl.json'])['classes'])\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt2"), str(tmp_path / "x.npy"),
+                        str(tmp_path / "y.npy")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "diseased" in r.stdout
+    assert np.allclose(np.load(tmp_path / "y.npy"), clf.predict(paths), atol=1e-5)
