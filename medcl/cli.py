@@ -280,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "fine-tuned with)")
     r.add_argument("--labels", help="LABELS.csv of DATA: also score the predictions (metrics.json)")
     r.add_argument("--positive", help="diseased class in --labels (default: the classifier's)")
+    r.add_argument("--saliency", metavar="K|all", help="saliency maps for the K scans most probably diseased (or "
+                   "all): PNG overlays (3D: three central planes, plus a NIfTI heat map with the scan's affine) in "
+                   "PRED_DIR/saliency, listed in saliency.csv, and in TensorBoard")
+    r.add_argument("--saliency-method", choices=("occlusion", "gradcam"), default="occlusion",
+                   help="occlusion sensitivity (what hiding each region costs the diseased probability) or Grad-CAM "
+                        "on the encoder's last stage; docs/saliency.md compares them on lesion phantoms")
     r.add_argument("--strict", action="store_true", help="stop at the first unreadable scan instead of skipping it")
     _selection_args(r)
     r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -467,7 +473,8 @@ def main(argv=None) -> int:
             from .predict import predict
 
             predict(a.classifier, a.data, a.out, a.operating_point, a.labels, a.positive, a.overwrite,
-                    strict=a.strict, progress=progress, select=_selection(a))
+                    strict=a.strict, progress=progress, select=_selection(a), saliency=a.saliency,
+                    saliency_method=a.saliency_method)
         elif a.command == "export":
             from .export import export_classifier
 

@@ -104,8 +104,18 @@ def _trained_on(ft_dir: Path, keys: list) -> int:
 
 
 def predict(classifier, data, out, operating_point=None, labels=None, positive=None, overwrite=False, device="auto",
-            strict=False, progress=True, log=print, select=None) -> Path:
-    """Predict every scan of `data`: predictions.csv, skipped.csv, and with `labels` also metrics.json."""
+            strict=False, progress=True, log=print, select=None, saliency=None, saliency_method=None) -> Path:
+    """Predict every scan of `data`: predictions.csv, skipped.csv, and with `labels` also metrics.json.
+
+    saliency: K (or "all"): maps for the K scans most probably diseased, in saliency/ and TensorBoard
+    (medcl.saliency; saliency_method gradcam | occlusion)."""
+    from .saliency import DEFAULT_METHOD, METHODS
+
+    saliency_method = saliency_method or DEFAULT_METHOD
+    if saliency_method not in METHODS:
+        raise MedclError(f"--saliency-method {saliency_method}: choose {', '.join(METHODS)}")
+    if saliency is not None and str(saliency) != "all" and not (str(saliency).isdigit() and int(saliency) > 0):
+        raise MedclError(f"--saliency {saliency}: a number of scans (e.g. 20) or 'all'.")
     from .data.cache import build_cache, write_skipped
     from .data.discover import open_source
     from .data.labels import read_labels_csv
@@ -161,5 +171,25 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
         log(f"scored {len(rows)} labeled scans: AUC {m['auc']:.3f} [95% CI {m['auc_ci95'][0]:.3f}-"
             f"{m['auc_ci95'][1]:.3f}]" + (f", sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}"
                                           if clf.binary else ""))
-    log(f"wrote {out / 'predictions.csv'}" + (f", {out / 'metrics.json'}" if table is not None else ""))
+    if saliency is not None:
+        if not clf.binary:
+            raise MedclError("--saliency needs a binary (healthy vs diseased) classifier.")
+        from . import tensorboard as tb
+        from .saliency import write_maps
+
+        order = np.argsort(-proba[:, 1], kind="stable")
+        order = order if str(saliency) == "all" else order[:int(saliency)]
+        log(f"saliency ({saliency_method}) for the {len(order)} scans most probably {clf.classes[-1]}")
+        writer = tb.open_writer(out / "tb")
+        try:
+            maps = write_maps(clf, scans, source, order, proba[:, 1], out / "saliency", saliency_method, writer)
+        finally:
+            writer.close()
+        with open(out / "saliency.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "rank", "probability", "overlay_png", "nifti"])
+            w.writerows(maps)
+    log(f"wrote {out / 'predictions.csv'}" + (f", {out / 'metrics.json'}" if table is not None else "") +
+        (f", {out / 'saliency.csv'} and maps in {out / 'saliency'}, TensorBoard in {out / 'tb'}"
+         if saliency is not None else ""))
     return out

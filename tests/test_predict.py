@@ -135,3 +135,30 @@ def test_the_exported_classifier_runs_with_plain_torch_and_gives_the_same_probab
     assert r.returncode == 0, r.stderr
     assert "diseased" in r.stdout
     assert np.allclose(np.load(tmp_path / "y.npy"), clf.predict(paths), atol=1e-5)
+
+
+def test_saliency_maps_2d_and_3d_with_the_scan_affine(trained, phantoms3d, tmp_path):
+    import nibabel as nib
+
+    tmp, new = trained
+    assert main(["--quiet", "predict", "--classifier", str(tmp / "ft"), "--data", str(new), "--saliency", "2",
+                 "--out", str(tmp_path / "s2")]) == 0
+    got = _read(tmp_path / "s2" / "saliency.csv")
+    probs = sorted((float(r["probability"]) for r in _read(tmp_path / "s2" / "predictions.csv")), reverse=True)
+    assert [float(r["probability"]) for r in got] == pytest.approx(probs[:2], abs=1e-6)  # the most probable first
+    assert all((tmp_path / "s2" / "saliency" / r["overlay_png"]).stat().st_size > 500 for r in got)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "s2" / "tb").iterdir())
+    # 3D: a tiny 3D classifier; the heat map lies on the scan's own voxel grid, with its affine
+    enc = Encoder("resnet10", 3, 1, "small", 0.125)
+    export_encoder(enc, tmp_path / "enc3.pt", {"data": {"dims": 3, "size": 16, "channels": 1}})
+    assert main(["--quiet", "finetune", "--checkpoint", str(tmp_path / "enc3.pt"), "--data", str(phantoms3d),
+                 "--labels", str(phantoms3d / "labels.csv"), "--positive", "diseased", "--out",
+                 str(tmp_path / "ft3")]) == 0
+    for method in ("occlusion", "gradcam"):
+        out = tmp_path / f"s3{method}"
+        assert main(["--quiet", "predict", "--classifier", str(tmp_path / "ft3"), "--data", str(phantoms3d),
+                     "--saliency", "1", "--saliency-method", method, "--out", str(out)]) == 0
+        row = _read(out / "saliency.csv")[0]
+        scan, heat = nib.load(str(phantoms3d / row["path"])), nib.load(str(out / "saliency" / row["nifti"]))
+        assert heat.shape == scan.shape and np.allclose(heat.affine, scan.affine)
+        assert np.isfinite(heat.get_fdata()).all() and (out / "saliency" / row["overlay_png"]).is_file()

@@ -43,8 +43,9 @@ def add_lesions(rng: np.random.Generator, anatomy: dict, dims: int, size: int, n
     return dict(anatomy, lesions=lesions)
 
 
-def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise: float = 0.03) -> np.ndarray:
-    """One acquisition of an anatomy: float32 image in [0, 1] of shape (size,)*dims."""
+def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise: float = 0.03, lesion_mask=None):
+    """One acquisition of an anatomy: float32 image in [0, 1] of shape (size,)*dims. With `lesion_mask` (a bool
+    array of that shape), the lesions' extent (within one radius of each centre) is marked in it."""
     grid = np.meshgrid(*[np.arange(size, dtype=np.float32) + 0.5] * dims, indexing="ij")
     b = anatomy["body"]
     shift = rng.uniform(-0.02, 0.02, dims) * size  # positioning differs between acquisitions
@@ -59,13 +60,17 @@ def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise:
         d2 = sum((g - c) ** 2 for g, c in zip(grid, les["center"] + shift))
         blob = np.exp(-d2 / (2 * (les["radius"] / 1.5) ** 2)).astype(np.float32)
         img += body * blob * les["value"]
+        if lesion_mask is not None:
+            lesion_mask |= body & (d2 <= les["radius"] ** 2)
     img = gaussian_filter(img, 0.6) + rng.normal(0, noise, img.shape).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
 
 def make_phantoms(out: str | Path, n: int = 300, dims: int = 2, size: int = 64, seed: int = 0,
-                  diseased_fraction: float = 0.5, scans_per_patient: int = 2) -> Path:
-    """Write n phantom scans (PNG for 2D, NIfTI for 3D) plus labels.csv (path,label,patient). Returns the folder."""
+                  diseased_fraction: float = 0.5, scans_per_patient: int = 2, masks_to: str | Path | None = None) -> Path:
+    """Write n phantom scans (PNG for 2D, NIfTI for 3D) plus labels.csv (path,label,patient). Returns the folder.
+    masks_to: a folder (outside `out`, so no command takes them for scans) for each scan's lesion mask as .npy,
+    at the scan's path with .npy appended: where the disease is, to check saliency maps against."""
     out = Path(out)
     (out / "scans").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -79,7 +84,8 @@ def make_phantoms(out: str | Path, n: int = 300, dims: int = 2, size: int = 64, 
         for k in range(scans_per_patient):
             if len(rows) >= n:
                 break
-            img = render(anatomy, dims, size, rng)
+            mask = np.zeros((size,) * dims, dtype=bool)
+            img = render(anatomy, dims, size, rng, lesion_mask=mask)
             if dims == 2:
                 from PIL import Image
 
@@ -91,6 +97,9 @@ def make_phantoms(out: str | Path, n: int = 300, dims: int = 2, size: int = 64, 
                 rel = f"scans/p{p:04d}_{k}.nii.gz"
                 nib.save(nib.Nifti1Image(img, np.eye(4)), str(out / rel))
             rows.append((rel, "diseased" if sick[p] else "healthy", f"p{p:04d}"))
+            if masks_to is not None:
+                (Path(masks_to) / rel).parent.mkdir(parents=True, exist_ok=True)
+                np.save(Path(masks_to) / f"{rel}.npy", mask)
     with open(out / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "patient"])
