@@ -52,7 +52,7 @@ def export_classifier(classifier, out, overwrite: bool = False, log=print) -> Pa
                       "intensity": d.get("intensity", "percentile"), "range": [0.0, 1.0]},
             "output": "probabilities (N, classes); the last class is the diseased one in a binary task"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch's loader wants the .pt2 ending; renamed when checked
     torch.export.save(program, tmp, extra_files={"medcl.json": json.dumps(meta)})
     # the file must give the classifier's probabilities: check it before it takes the name
     check = torch.rand((3, channels) + (size,) * dims, generator=torch.Generator().manual_seed(1))
