@@ -30,6 +30,14 @@ def _read(path):
     return list(csv.DictReader(open(path)))
 
 
+def test_the_api_names_stay_functions_after_their_modules_load():
+    from medcl.evaluate import evaluate  # noqa: F401  (loads medcl.finetune and medcl.select as modules)
+
+    for name in ("pretrain", "finetune", "embed", "evaluate", "select", "predict", "export", "demo",
+                 "load_classifier", "load_encoder"):
+        assert callable(getattr(medcl, name)) and callable(getattr(medcl, name)), name
+
+
 def test_predict_matches_embed_and_the_python_api(trained, capsys):
     tmp, new = trained
     assert main(["--quiet", "predict", "--classifier", str(tmp / "ft"), "--data", str(new), "--out",
