@@ -126,6 +126,8 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
     if not Path(classifier).exists():
         raise CheckpointError(f"classifier not found: {classifier}")
     clf = load_classifier(classifier)
+    if saliency is not None and not clf.binary:
+        raise MedclError("--saliency needs a binary (healthy vs diseased) classifier.")
     thr, rule = clf.threshold_for(operating_point)
     dims = int(clf.data.get("dims", 2))
     source = open_source(data, dims, "all", select)
@@ -172,8 +174,6 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
             f"{m['auc_ci95'][1]:.3f}]" + (f", sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}"
                                           if clf.binary else ""))
     if saliency is not None:
-        if not clf.binary:
-            raise MedclError("--saliency needs a binary (healthy vs diseased) classifier.")
         from . import tensorboard as tb
         from .saliency import write_maps
 
