@@ -271,8 +271,9 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
                 patient[key] = p
         done += [k for k, _, _ in listed]
     done = list(dict.fromkeys(done))
+    done_set = set(done)
     # the pool, checked before anything is written: a budget it cannot meet is refused here
-    free = [k for k in keys if k not in test and k not in set(done)]
+    free = [k for k in keys if k not in test and k not in done_set]
     free_patients = len({patient.get(k, k) for k in free} - {patient.get(k, k) for k in done})
     if budget > (len(free) if same_patient else free_patients):
         raise SelectionError(f"--budget {budget} is larger than the pool: {len(free)} scans can be chosen "
@@ -302,7 +303,6 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "typiclust"
             log(f"{len(source.records) - len(keys)} scans of DATA are not in {embeddings} (unreadable when it was "
                 f"made?): they are not candidates")
     t_sel = time.perf_counter()
-    done_set = set(done)
     rows_labeled = np.array([i for i, k in enumerate(keys) if k in done_set], dtype=int)
     rows_cand = np.array([i for i, k in enumerate(keys) if k not in test and k not in done_set], dtype=int)
     groups = np.array([patient.get(k, k) for k in keys], dtype=object)
