@@ -89,6 +89,9 @@ def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channel
     sp = np.array(spacing if spacing is not None and len(spacing) == dims else [1.0] * dims, dtype=float)
     phys = shape * sp
     target = np.maximum(1, np.round(phys * size / phys.max())).astype(int)
+    if np.array_equal(target, shape) and np.all(target == size):  # already the model's size (MedMNIST): as is
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+        return np.clip(out, 0.0, 1.0) if intensity != "none" else out
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
