@@ -66,7 +66,7 @@ def write_projector(writer, feats, scans, dims: int, header: list, meta: list, m
         rest = np.setdiff1d(np.arange(n), keep)
         extra = np.random.default_rng(0).choice(rest, max_points - len(keep), replace=False)
         show = np.sort(np.concatenate([keep, extra]))
-        log(f"projector shows {max_points} of {n} scans (--max-points); embeddings.npz holds all")
+        log(f"projector shows {max_points} of {n} scans (--max-points)")
     thumbs = np.concatenate([tb.thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
     if thumbs.shape[1] == 1:
         thumbs = np.repeat(thumbs, 3, axis=1)
@@ -135,6 +135,8 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     writer = tb.open_writer(out / "tb")
     try:
         show = write_projector(writer, feats, scans, dims, header, meta, max_points, log=log)
+        if len(show) < len(keys):
+            log(f"embeddings.npz holds all {len(keys)}")
     finally:
         writer.close()
     xy, how = embedding_map(feats[show])
