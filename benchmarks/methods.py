@@ -4,6 +4,10 @@ For each method: pretrain on the train split without labels (configs/pretrain/me
 linear probe on 10% of the train labels (validation labels at the same budget), tested on the official test split.
 SupCon uses the labels of the same 10% subset only (label -1 elsewhere).
 
+Every method runs with its own defaults (heads, temperature: medcl.methods.HEADS/TEMPERATURES) and the recipe's
+learning rate; MAE pretrains the `vit` encoder (patch 4), so its control is a random-init ViT. The first rows are the
+controls: the same encoder with random weights and the same probe on the same labels.
+
 Usage:  python benchmarks/methods.py [--epochs 10] [--methods simclr byol ...] [--data path.npz]
 """
 from __future__ import annotations
@@ -18,8 +22,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_reconstructed.npz"
-ALL = ["simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "simsiam", "barlow", "vicreg"]
-LR = {"byol": 5e-4, "simsiam": 5e-4, "moco_v3": 1e-3}  # the rest use the recipe's learning rate
+ALL = ["simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "simsiam", "barlow", "vicreg", "dino",
+       "mae", "monai_ssl"]
+ENCODER = {"mae": ["encoder.name=vit", "encoder.patch_size=4"]}  # MAE masks patch tokens: a ViT
 
 
 def main():
@@ -53,11 +58,18 @@ def main():
     keep = set(select_budget(y, train_rows, 0.1, seed=0).tolist())
     table.splits = [s if (s != "train" or i in keep) else "test" for i, s in enumerate(table.splits)]  # hide the rest
     rows = []
+    recipe = ROOT / "configs" / "pretrain" / "medmnist28.yaml"
+    controls = [("control: random-init resnet18 x0.5", [])] + ([("control: random-init vit", ENCODER["mae"])]
+                                                               if "mae" in a.methods else [])
+    for label, extra in controls:  # the best control of the brief: random weights, the same probe and labels
+        cfg = load_config(recipe, parse_set(a.set + extra))
+        met = finetune("none", a.data, None, out / f"control_{len(rows)}", label_fraction=0.1, mode="probe", seed=0,
+                       cfg=cfg, progress=False, log=lambda *x: None)
+        rows.append((label, 0.0, met["test"]["auc"], met["test"]["balanced_accuracy"]))
+        print(f"  {label}: probe AUC {met['test']['auc']:.3f}", flush=True)
     for m in a.methods:
-        cfg = load_config(ROOT / "configs" / "pretrain" / "medmnist28.yaml", parse_set(a.set + [f"method.name={m}"]))
+        cfg = load_config(recipe, parse_set(a.set + ENCODER.get(m, []) + [f"method.name={m}"]))
         cfg.train.epochs = a.epochs
-        if m in LR:
-            cfg.optim.lr = LR[m]
         t0 = time.perf_counter()
         pretrain(a.data, out / m, cfg, labels=table if m == "supcon" else None, progress=False, log=lambda *x: None)
         t_pre = time.perf_counter() - t0

@@ -51,20 +51,24 @@ class ViewsConfig:
 
 @dataclass
 class EncoderConfig:
-    name: str = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 (MONAI)
-    stem: str = "auto"  # small (3x3 stride 1, no max-pool) | standard (7x7 stride 2 + max-pool) | auto (small if size<=32)
-    widen_factor: float = 1.0  # channel multiplier; 0.25-0.5 makes fast CPU models
+    name: str = "resnet18"  # resnet10|18|34|50 | densenet121 | efficientnet-b0 | vit | swin (all MONAI; docs/encoders.md)
+    stem: str = "auto"  # resnet/densenet: small (3x3 stride 1, no max-pool) | standard (7x7/2 + max-pool) | auto (small if size<=32)
+    widen_factor: float = 1.0  # resnet channel multiplier; 0.25-0.5 makes fast CPU models
+    patch_size: int = 4  # vit/swin: patch side in pixels (voxels); data.size must be a multiple for vit
+    depth: int = 6  # vit: transformer blocks
+    width: int = 192  # vit: token width (heads of 64 channels)
+    swin_feature_size: int = 24  # swin: channels of the first stage (x16 at the last, the feature size)
 
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # simclr | supcon | pair | triplet | moco_v2 | moco_v3 | byol | simsiam | barlow | vicreg
+    name: str = "simclr"  # simclr | supcon | pair | triplet | moco_v2 | moco_v3 | byol | simsiam | barlow | vicreg | dino | mae | monai_ssl
     positives: str = "views"  # views | patient | neighbors
     neighbor_distance: int = 2  # neighbors: max slice (or sub-volume shift, in voxels of the cache) distance
-    temperature: float = 0.2  # softmax temperature of NT-Xent/InfoNCE/SupCon/MoCo
-    proj_hidden: int = 512  # projection head hidden width
-    proj_dim: int = 128  # projection (embedding the loss sees) dimension
-    pred_hidden: int = 512  # BYOL/SimSiam/MoCo v3 predictor
+    temperature: float = 0.0  # NT-Xent/InfoNCE/SupCon/MoCo softmax temperature; 0: the method's (docs/methods.md)
+    proj_hidden: int = 0  # projection head hidden width; 0: the method's own head (docs/methods.md)
+    proj_dim: int = 0  # projection output (DINO: bottleneck) width; 0: the method's
+    pred_hidden: int = 0  # BYOL/SimSiam/MoCo v3 predictor hidden width; 0: the method's
     margin: float = 1.0  # pair/triplet margin (on L2-normalised embeddings)
     mining: str = "batch_hard"  # triplet: batch_hard | semi_hard
     momentum: float = 0.99  # MoCo/BYOL EMA start (cosine-increased to 1.0)
@@ -72,6 +76,17 @@ class MethodConfig:
     barlow_lambda: float = 0.005  # Barlow Twins off-diagonal weight
     vicreg_weights: tuple = (25.0, 25.0, 1.0)  # invariance, variance, covariance
     stop_gradient: bool = True  # SimSiam/BYOL; False makes them collapse (useful to test the monitors)
+    local_crops: int = -1  # multi-crop: small extra views per scan; -1: the method's (dino 6, others 0)
+    local_crop_scale: tuple = (0.05, 0.4)  # share of the area (volume) a local crop keeps
+    local_size: int = 0  # side of the local crops; 0: 3/7 of data.size (DINO's 96 of 224)
+    dino_out_dim: int = 4096  # DINO prototypes (65536 in the paper, for ImageNet)
+    teacher_temp: tuple = (0.04, 0.07)  # DINO teacher temperature, warmed up linearly over 30% of training
+    student_temp: float = 0.1  # DINO student temperature
+    center_momentum: float = 0.9  # DINO centre EMA
+    mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
+    decoder_width: int = 96  # MAE decoder token width (a multiple of 12)
+    decoder_depth: int = 2  # MAE decoder transformer blocks
+    norm_pix_loss: bool = True  # MAE: reconstruct per-patch normalised pixels
 
 
 @dataclass
@@ -248,7 +263,7 @@ _CHOICES = {
     ("data", "intensity"): ("percentile", "minmax", "none"),
     ("data", "npz_split"): ("train", "val", "test", "all"),
     ("views", "backend"): ("auto", "monai", "batched"),
-    ("encoder", "name"): ("resnet10", "resnet18", "resnet34", "resnet50"),
+    ("encoder", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-b0", "vit", "swin"),
     ("encoder", "stem"): ("auto", "small", "standard"),
     ("method", "positives"): ("views", "patient", "neighbors"),
     ("method", "mining"): ("batch_hard", "semi_hard"),
@@ -261,7 +276,8 @@ _CHOICES = {
 
 # the names medcl.methods.METHODS defines (a test keeps the two equal); listed here so that checking a config needs
 # no torch import, and a mistyped key fails in a second, not after half a minute of imports
-METHOD_NAMES = ("simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "simsiam", "barlow", "vicreg")
+METHOD_NAMES = ("simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "simsiam", "barlow", "vicreg",
+                "dino", "mae", "monai_ssl")
 
 
 def validate(cfg: MedclConfig) -> None:
@@ -276,6 +292,28 @@ def validate(cfg: MedclConfig) -> None:
     lo, hi = cfg.views.crop_scale
     if not (0 < lo <= hi <= 1):
         raise ConfigError(f"views.crop_scale={cfg.views.crop_scale}: need 0 < min <= max <= 1.")
+    e = cfg.encoder
+    if e.name == "vit":
+        if cfg.data.size % e.patch_size:
+            raise ConfigError(f"encoder vit: data.size={cfg.data.size} must be a multiple of encoder.patch_size={e.patch_size}.")
+        step = 4 if cfg.data.dims == 2 else 6  # MONAI's sin-cos positions split the width over axes and sin/cos
+        heads = max(1, e.width // 64)
+        if e.width % step or e.width % heads:
+            raise ConfigError(f"encoder vit: encoder.width={e.width} must be a multiple of {step} in {cfg.data.dims}D "
+                              f"and of its {heads} heads (e.g. 96, 192, 384).")
+    m = cfg.method
+    if m.name == "mae" and e.name != "vit":
+        raise ConfigError(f"method mae needs encoder.name=vit (got {e.name}): it masks patch tokens.")
+    if not 0 < m.mask_ratio < 1:
+        raise ConfigError(f"method.mask_ratio={m.mask_ratio}: need 0 < ratio < 1.")
+    if m.decoder_width % 12:
+        raise ConfigError(f"method.decoder_width={m.decoder_width} must be a multiple of 12 (sin-cos positions in 2D/3D).")
+    lo, hi = m.local_crop_scale
+    if not (0 < lo <= hi <= 1):
+        raise ConfigError(f"method.local_crop_scale={m.local_crop_scale}: need 0 < min <= max <= 1.")
+    if e.name == "swin" and e.swin_feature_size % 3:
+        raise ConfigError(f"encoder swin: encoder.swin_feature_size={e.swin_feature_size} must be a multiple of 3 "
+                          "(its stages have 3, 6, 12 and 24 heads), e.g. 12, 24, 48.")
     if cfg.data.size < 8:
         raise ConfigError(f"data.size={cfg.data.size} is too small; use at least 8.")
     if cfg.train.batch_size < 2:

@@ -6,6 +6,8 @@ caller's `rank`, so multi-GPU training plugs in without touching the loss.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,29 @@ def _identity(t):
     return t
 
 
+def float32(fn):
+    """Run a loss in float32 with autocast off. Under bf16 autocast (the GPU default) a `.float()` cast alone does not
+    help: autocast re-casts the similarity and cross-correlation matmuls to bf16 (NT-Xent was off by 4e-3, its
+    gradient by 5e-3). Tensor arguments are cast to float32; float64 is kept (the reference tests use it)."""
+
+    def cast(a):
+        if torch.is_tensor(a) and a.is_floating_point() and a.dtype != torch.float64:
+            return a.float()
+        if isinstance(a, (list, tuple)):
+            return type(a)(cast(b) for b in a)
+        return a
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)), None)
+        device = t.device.type if t is not None else "cpu"
+        with torch.autocast(device, enabled=False):
+            return fn(*cast(args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+@float32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, labels: torch.Tensor | None = None,
             gather=None, rank: int = 0) -> torch.Tensor:
     """NT-Xent / InfoNCE over 2N views (SimCLR, Chen et al. 2020); with `labels`, SupCon (Khosla et al. 2020).
@@ -50,11 +75,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, labels
     return per_anchor[n_pos > 0].mean()
 
 
+@float32
 def supcon(z1, z2, labels, temperature: float = 0.1, gather=None, rank: int = 0):
     """Supervised contrastive loss: NT-Xent with label-defined positives."""
     return nt_xent(z1, z2, temperature, labels=labels, gather=gather, rank=rank)
 
 
+@float32
 def pair_margin(a: torch.Tensor, b: torch.Tensor, similar: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Contrastive loss over labeled pairs (Hadsell, Chopra & LeCun 2006).
 
@@ -65,6 +92,7 @@ def pair_margin(a: torch.Tensor, b: torch.Tensor, similar: torch.Tensor, margin:
     return (s * 0.5 * d.pow(2) + (1 - s) * 0.5 * F.relu(margin - d).pow(2)).mean()
 
 
+@float32
 def pair_margin_views(z1, z2, margin: float = 1.0):
     """Pair loss on a batch of view pairs: (z1[i], z2[i]) similar, (z1[i], z2[j != i]) dissimilar; both kinds
     weighted equally so the N^2 - N negatives do not drown the N positives."""
@@ -76,6 +104,7 @@ def pair_margin_views(z1, z2, margin: float = 1.0):
     return pos + neg
 
 
+@float32
 def triplet(emb: torch.Tensor, ids: torch.Tensor, margin: float = 0.5, mining: str = "batch_hard") -> torch.Tensor:
     """Triplet loss max(0, d(a,p) - d(a,n) + margin) with in-batch mining on L2 distances.
 
@@ -106,6 +135,7 @@ def triplet(emb: torch.Tensor, ids: torch.Tensor, margin: float = 0.5, mining: s
     return F.relu(dap - dn + margin).mean()
 
 
+@float32
 def cosine_regression(p: torch.Tensor, z: torch.Tensor, stop_gradient: bool = True) -> torch.Tensor:
     """BYOL's 2 - 2 cos(p, z) (Grill et al. 2020); SimSiam's -cos is this minus 2, halved (Chen & He 2021).
     The target z gets no gradient unless stop_gradient=False (which lets SimSiam collapse)."""
@@ -114,6 +144,7 @@ def cosine_regression(p: torch.Tensor, z: torch.Tensor, stop_gradient: bool = Tr
     return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
 
 
+@float32
 def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.005) -> torch.Tensor:
     """Barlow Twins (Zbontar et al. 2021): the cross-correlation of batch-standardised embeddings -> identity."""
     n = z1.shape[0]
@@ -125,6 +156,7 @@ def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.005) -> to
     return on + lambd * off
 
 
+@float32
 def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim_w: float = 25.0, var_w: float = 25.0, cov_w: float = 1.0,
            gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
     """VICReg (Bardes et al. 2022): invariance (MSE) + variance (hinge on per-dim std) + covariance (off-diagonal^2)."""
@@ -142,6 +174,7 @@ def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim_w: float = 25.0, var_w: float
     return sim_w * inv + var_w * var + cov_w * cov
 
 
+@float32
 def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float = 0.2) -> torch.Tensor:
     """MoCo v2 (He et al. 2020; Chen et al. 2020): one positive key per query, negatives from a queue of past keys."""
     q = F.normalize(q.float(), dim=1)
@@ -152,6 +185,7 @@ def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, 
     return F.cross_entropy(logits / temperature, target)
 
 
+@float32
 def infonce_batch(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather=None, rank: int = 0) -> torch.Tensor:
     """MoCo v3 (Chen, Xie & He 2021): queries against momentum keys of the (global) batch; scaled by 2t as in the paper."""
     gather = gather or _identity
@@ -161,3 +195,49 @@ def infonce_batch(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, ga
     logits = q @ k_all.T / temperature
     target = torch.arange(len(q), device=q.device) + rank * len(q)
     return F.cross_entropy(logits, target) * 2 * temperature
+
+
+@float32
+def dino(student: list, teacher: list, center: torch.Tensor, student_temp: float = 0.1,
+         teacher_temp: float = 0.04) -> torch.Tensor:
+    """DINO (Caron et al. 2021): sum over teacher views t and student views s != t of H(P_t, P_s), averaged.
+
+    P_t = softmax((g_t - center) / teacher_temp), detached (centring and sharpening); P_s = softmax(g_s / student_temp).
+    student: logits of every view, the global views first in the teacher's order; teacher: logits of the global views.
+    """
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
+    log_p = [F.log_softmax(s / student_temp, dim=-1) for s in student]
+    total, terms = 0.0, 0
+    for i, q in enumerate(targets):
+        for v, lp in enumerate(log_p):
+            if v != i:
+                total = total + (-(q * lp).sum(-1)).mean()
+                terms += 1
+    return total / terms
+
+
+@float32
+@torch.no_grad()
+def dino_center(center: torch.Tensor, teacher: list, momentum: float = 0.9, gather=None) -> torch.Tensor:
+    """DINO's centre update: c <- m c + (1 - m) mean of the teacher outputs over the (global) batch and its views."""
+    t = torch.cat(list(teacher))
+    if gather is not None:
+        t = gather(t)
+    return center * momentum + t.mean(0, keepdim=True) * (1 - momentum)
+
+
+@float32
+def mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+    """MAE (He et al. 2022): mean squared error per patch, averaged over the masked patches only (mask 1 = masked).
+    With norm_pix the target is each patch normalised by its own mean and variance (the paper's better setting)."""
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = (pred - target).pow(2).mean(-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+@float32
+def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error (the reconstruction loss of MONAI's self-supervised recipe)."""
+    return (pred - target).abs().mean()

@@ -65,10 +65,12 @@ class StepMemory:
         return int((budget - self.fixed) // max(self.per_item, 1.0))
 
 
-def measure_step(method: torch.nn.Module, item_shape, batch: int, amp: bool = False) -> StepMemory:
-    """The step's memory at `batch`, split into the part that grows with the batch and the part that does not."""
+def measure_step(method: torch.nn.Module, item_shape, batch: int, amp: bool = False,
+                 extra_views: float = 0.0) -> StepMemory:
+    """The step's memory at `batch`, split into the part that grows with the batch and the part that does not.
+    `extra_views`: multi-crop's local views, in units of a global view's pixels (activations scale with them)."""
     params = sum(p.numel() * p.element_size() for p in method.parameters())
-    per_item = saved_bytes(method, item_shape, batch, amp) / batch * BACKWARD_FACTOR
+    per_item = saved_bytes(method, item_shape, batch, amp) / batch * BACKWARD_FACTOR * (2 + extra_views) / 2
     per_item += 2 * 4 * int(torch.Size(item_shape).numel())  # the two views themselves
     return StepMemory(fixed=4 * params, per_item=per_item)  # weights + gradients + AdamW's two moments
 

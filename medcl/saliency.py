@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import MedclError
+
 METHODS = ("gradcam", "occlusion")
 DEFAULT_METHOD = "occlusion"  # benchmarks/saliency.py: Grad-CAM's peak never fell in a lesion of the phantoms
 
@@ -27,7 +29,11 @@ def saliency_maps(model, x: torch.Tensor, method: str = DEFAULT_METHOD, target: 
         from monai.visualize import GradCAM, OcclusionSensitivity
     model = model.eval()
     if method == "gradcam":
-        cam = GradCAM(nn_module=model, target_layers="encoder.net.layer4")
+        layer = getattr(model.encoder, "cam_layer", None)
+        if layer is None:
+            raise MedclError(f"Grad-CAM needs a convolutional encoder; {model.encoder.spec['name']} is a transformer. "
+                             "Use --saliency-method occlusion.")
+        cam = GradCAM(nn_module=model, target_layers=f"encoder.{layer}")
         with torch.enable_grad():
             maps = cam(x.clone().requires_grad_(False), class_idx=target)
         return maps[:, 0].detach().cpu().numpy()

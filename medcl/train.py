@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import queue
@@ -20,7 +21,7 @@ from .data.discover import open_source, selection_of, trained_on
 from .encoders import atomic_save, build_encoder, export_encoder, safe_load
 from .errors import CheckpointError, MedclError, TrainingDiverged
 from .memory import fit_batch, measure_step
-from .methods import build_method
+from .methods import build_method, local_view_size
 from .monitors import collapse_metrics, is_collapsed, knn_probe
 from .progress import Progress, duration, eta_text
 from .runs import prepare_out_dir
@@ -93,7 +94,7 @@ class BatchStream:
     """Yields (v1, v2, idx) for one epoch from `start_step`; idx are indices into the ScanSet."""
 
     def __init__(self, scans: ScanSet, cfg: MedclConfig, device, global_batch: int, steps: int, partner=None,
-                 pairing=None, pairs=None):
+                 pairing=None, pairs=None, local_crops: int = 0, local_size: int = 0):
         self.scans, self.cfg, self.device = scans, cfg, device
         self.global_batch, self.steps = global_batch, steps
         self.local_batch = global_batch // dist.world_size()
@@ -103,8 +104,12 @@ class BatchStream:
         self.pairs = pairs  # (index_a, index_b) arrays from a pairs CSV: an epoch runs over pairs, not scans
         self.size = cfg.data.size
         self.on_device = None
+        self.local_crops = local_crops  # multi-crop: this many small views of each item's first scan
         if self.backend == "batched":
             self.batched = BatchedViews(cfg.views, cfg.data.dims, cfg.data.size)
+            if local_crops:
+                local_cfg = dataclasses.replace(cfg.views, crop_scale=cfg.method.local_crop_scale)
+                self.local_views = BatchedViews(local_cfg, cfg.data.dims, local_size)
             nbytes = int(np.prod(scans.shape)) * 4
             if device.type == "cuda" and nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
                 # the whole decoded dataset fits on the GPU: a step is then indexing + augmentation, no host work
@@ -125,8 +130,9 @@ class BatchStream:
         seed = self.cfg.train.seed
         order = epoch_order(len(self.pairs[0]) if self.pairs is not None else len(self.scans), seed, epoch)
         if self.backend == "monai":
-            if self.pairing is not None or self.pairs is not None:
-                raise MedclError("neighbour positives and pairs CSVs need views.backend=batched (or auto).")
+            if self.pairing is not None or self.pairs is not None or self.local_crops:
+                raise MedclError("neighbour positives, pairs CSVs and multi-crop (method.local_crops) need "
+                                 "views.backend=batched (or auto).")
             yield from self._monai_epoch(order, epoch, start_step)
             return
         def rows(i):  # items of the device-resident cache; the index goes up pinned, so the copy does not sync
@@ -151,7 +157,11 @@ class BatchStream:
             if self.pairing is not None:
                 x1, x2 = self.pairing(x1, gen)
             # both views in one batched call: half the kernel launches of two calls
-            return self.batched(torch.cat([x1, x1 if x2 is None else x2]), gen).chunk(2)
+            v1, v2 = self.batched(torch.cat([x1, x1 if x2 is None else x2]), gen).chunk(2)
+            local = ()
+            if self.local_crops:  # all local crops in one call too
+                local = self.local_views(x1.repeat((self.local_crops,) + (1,) * (x1.ndim - 1)), gen).chunk(self.local_crops)
+            return v1, v2, local
 
         # A background thread gathers the next batches and makes their views while the device runs the current step.
         # On a GPU it works on a side CUDA stream, so view kernels overlap the model's kernels instead of queueing
@@ -172,12 +182,12 @@ class BatchStream:
                         idx, x1, x2 = fetch(s)
                         x1 = x1.to(self.device, non_blocking=True)
                         x2 = None if x2 is None else x2.to(self.device, non_blocking=True)
-                        v1, v2 = make_views(s, x1, x2)
+                        v1, v2, local = make_views(s, x1, x2)
                         ready = None
                         if cuda:
                             ready = torch.cuda.Event()
                             ready.record(side)
-                        q.put((s, idx, v1, v2, ready))
+                        q.put((s, idx, v1, v2, local, ready))
             except BaseException as e:  # surface the error in the training loop
                 q.put(e)
                 return
@@ -189,15 +199,15 @@ class BatchStream:
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                step, idx, v1, v2, ready = item
+                step, idx, v1, v2, local, ready = item
                 if ready is not None:
                     main = torch.cuda.current_stream(self.device)
                     main.wait_event(ready)
                     # made on the side stream, used and freed on this one: keep the allocator from reusing the
                     # memory until this stream is done with it
-                    v1.record_stream(main)
-                    v2.record_stream(main)
-                yield step, v1, v2, idx
+                    for t in (v1, v2) + tuple(local):
+                        t.record_stream(main)
+                yield step, v1, v2, idx, local
         finally:
             stop.set()
             while th.is_alive():  # unblock a producer waiting on a full queue
@@ -215,7 +225,8 @@ class BatchStream:
                                              pin_memory=self.device.type == "cuda",
                                              persistent_workers=False)
         for k, (v1, v2, idx) in enumerate(loader):
-            yield start_step + k, v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True), idx.numpy()
+            yield (start_step + k, v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True),
+                   idx.numpy(), ())
 
     def partner_single(self):
         if self.partner is None:
@@ -387,10 +398,15 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log(f"note: batch size lowered to {global_batch} (only {len(scans)} scans)")
 
     encoder = build_encoder(cfg)
-    method = build_method(cfg.method.name, encoder, cfg.method).to(device)
+    method = build_method(cfg.method.name, encoder, cfg.method, image_size=cfg.data.size).to(device)
+    n_local = method.cfg.local_crops
+    local_size = local_view_size(cfg.method, cfg.data.size, encoder.spec) if n_local else 0
+    if n_local and pairs is not None:
+        raise MedclError("multi-crop (method.local_crops) does not combine with a pairs CSV: set method.local_crops=0.")
     if ckpt is None and world == 1:  # a step too big for memory is lowered (or refused) here, not killed by the OS
         item = (cfg.data.channels,) + (cfg.data.size,) * cfg.data.dims
-        mem = measure_step(method, item, global_batch, amp=speed_settings(cfg, device)["amp"])
+        mem = measure_step(method, item, global_batch, amp=speed_settings(cfg, device)["amp"],
+                           extra_views=n_local * (local_size / cfg.data.size) ** cfg.data.dims)
         fitted = fit_batch(mem, global_batch, device, limit_gb=cfg.train.memory_gb,
                            log=log if main else (lambda *a: None))
         if fitted != global_batch:
@@ -441,7 +457,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log("no checkpoint yet: starting from the beginning")
 
     pairing = neighbor_pairing(cfg) if cfg.method.positives == "neighbors" else None
-    stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing, pairs=pair_arrays)
+    stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing, pairs=pair_arrays,
+                         local_crops=n_local, local_size=local_size)
     writer = tb.open_writer(out / "tb") if main else None
     loss_log = None
     if main:  # one line per step; on resume, steps after the checkpoint (lost with the killed process) are dropped
@@ -493,16 +510,17 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                            initial=start_step if epoch == start_epoch else 0, line_every=None)
             t_last, n_last = time.perf_counter(), 0
             first = start_step if epoch == start_epoch else 0
-            for step, v1, v2, idx in stream.epoch(epoch, first):
+            for step, v1, v2, idx, local in stream.epoch(epoch, first):
                 if speed["channels_last"]:
                     v1 = v1.contiguous(memory_format=torch.channels_last)
                     v2 = v2.contiguous(memory_format=torch.channels_last)
+                    local = tuple(v.contiguous(memory_format=torch.channels_last) for v in local)
                 y = None
                 if lab is not None:  # pinned, so the upload does not wait for the device
                     y = lab[torch.as_tensor(idx)]
                     y = y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    res = model(v1, v2, y)
+                    res = model(v1, v2, y, local)
                 opt.zero_grad(set_to_none=True)
                 res["loss"].backward()
                 opt.step()
