@@ -108,6 +108,21 @@ class SSLMethod(nn.Module):
     def embed(self, x):
         return self.projector(self.encoder(x))
 
+    def describe(self) -> str:
+        """The resolved head and temperature, for the log: what `0: the method's default` became."""
+        def widths(seq):
+            return "-".join(str(m.out_features) for m in seq.modules() if isinstance(m, nn.Linear))
+
+        parts = []
+        if isinstance(getattr(self, "projector", None), nn.Sequential):
+            bn_out = isinstance(self.projector[-1], nn.BatchNorm1d)
+            parts.append(f"projector {self.encoder.feat_dim}-{widths(self.projector)}" + (" + BN" if bn_out else ""))
+        if isinstance(getattr(self, "predictor", None), nn.Sequential):
+            parts.append(f"predictor {widths(self.predictor)}")
+        if any(k in type(self).__name__ for k in ("SimCLR", "SupCon", "MoCo", "MonaiSSL")):
+            parts.append(f"temperature {self.cfg.temperature:g}")
+        return ", ".join(parts) or "-"
+
     def forward(self, v1, v2, labels=None, local=()):
         z1, z2 = self.embed(v1), self.embed(v2)
         loss = self.loss_fn(z1, z2, labels)
@@ -299,6 +314,12 @@ class DINO(_Momentum):
     def embed(self, x):
         return self.projector(self.encoder(x))[0]
 
+    def describe(self):
+        c = self.cfg
+        return (f"head {self.encoder.feat_dim}-{c.proj_hidden}-{c.proj_hidden}-{c.proj_dim} (BN, GELU), "
+                f"{c.dino_out_dim} prototypes, teacher temperature {c.teacher_temp[0]:g}->{c.teacher_temp[1]:g}, "
+                f"student {c.student_temp:g}, centre momentum {c.center_momentum:g}")
+
     @torch.no_grad()
     def step_end(self, progress):
         self.progress.fill_(progress)
@@ -372,6 +393,10 @@ class MAE(SSLMethod):
                                             for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(w)
         self.decoder_pred = nn.Linear(w, p ** d * enc.spec["in_channels"])
+
+    def describe(self):
+        c = self.cfg
+        return f"mask ratio {c.mask_ratio:g}, decoder {c.decoder_depth} blocks x {c.decoder_width}, norm_pix {c.norm_pix_loss}"
 
     def embed(self, x):
         # standardised over the batch, as the MAE paper's probe does (a BatchNorm without affine before it): the

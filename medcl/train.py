@@ -478,6 +478,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on {device}: "
             f"{len(scans)} scans, batch {global_batch}, {steps_per_epoch} steps x {cfg.train.epochs} epochs, "
             f"views={stream.backend}")
+        log(f"method settings: {method.describe()}" + (f", {n_local} local crops of {local_size} px" if n_local else ""))
     collapse_warned = False
     last_loss = float("nan")
     pending: list = []  # (global step, epoch, step, loss copy, its copy event): losses not yet read on the host

@@ -105,3 +105,23 @@ def test_old_resnet_encoder_files_still_load(tmp_path):
     back, _ = load_encoder(tmp_path / "e.pt")
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(enc.eval()(x), back.eval()(x))
+
+
+def test_gradcam_on_a_transformer_says_to_use_occlusion():
+    from medcl.errors import MedclError
+    from medcl.saliency import saliency_maps
+
+    class Clf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Encoder("vit", 2, 1, img_size=16, patch_size=4, width=48, depth=1)
+            self.head = torch.nn.Linear(48, 2)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(MedclError, match="occlusion"):
+        saliency_maps(Clf(), x, "gradcam")
+    maps = saliency_maps(Clf(), x, "occlusion")
+    assert maps.shape == (1, 16, 16)

@@ -76,6 +76,7 @@ def test_pretrain_runs_every_method(tmp_path, phantoms2d, phantoms3d, dims, name
     labels = read_labels_csv(data / "labels.csv", data)
     for name in names:
         cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"dims": dims, "size": 16},
+                                              "encoder": VIT if name == "mae" else TINY["encoder"],
                                               "method": {**TINY["method"], "name": name},
                                               "train": {"epochs": 1, "batch_size": 8, "max_steps": 2}})
         out = pretrain(data, tmp_path / f"{dims}_{name}", cfg, labels=labels, progress=False, log=lambda *a: None)
