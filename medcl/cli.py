@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no progress bars or progress lines")
+    quiet.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR",
+                       help="the scan cache shared by every command (decoded scans; default $MEDCL_CACHE, else "
+                            "~/.cache/medcl; 'off' disables it). Never inside DATA. See `medcl cache info`.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     fmt = HelpFormatter
 
@@ -310,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=("show", "list"))
     _common_config_args(c)
     c.add_argument("--dims", type=int, choices=(2, 3), help="data.dims")
+
+    k = sub.add_parser("cache", help="show or free the scan cache (decoded scans shared by every command)",
+                       formatter_class=fmt, parents=[quiet],
+                       description="Every command reads decoded scans from one cache, keyed by each file's path, size "
+                                   "and modification time and by the preprocessing (dims, size, channels, intensity): "
+                                   "a second command on the same folder starts without decoding it again; a changed "
+                                   "file is decoded again. `info` lists what it holds, `clear` deletes it.",
+                       epilog="examples:\n  medcl cache info\n  medcl cache clear --cache-dir /scratch/medcl_cache")
+    k.add_argument("action", choices=("info", "clear"))
     return ap
 
 
@@ -395,6 +407,28 @@ def _preflight(a):
         Selection.make(files=a.files).listed()
 
 
+def _cache_command(action: str) -> None:
+    from .data import store
+
+    root = store.default_root()
+    if root is None:
+        print(f"the scan cache is off ({store.ENV}={os.environ.get(store.ENV)})")
+        return
+    if action == "clear":
+        freed = store.clear(root)
+        print(f"cleared the scan cache {root}: {freed / 2**20:.1f} MiB freed")
+        return
+    parts = store.describe(root)
+    print(f"scan cache: {root}" + ("" if parts else " (empty)"))
+    for d in parts:
+        st = d["settings"]
+        what = (f"{st.get('dims', '?')}D, {st.get('size', '?')} px, {st.get('channels', '?')} channel(s), "
+                f"intensity {st.get('intensity', '?')}")
+        print(f"  {what}: {d['scans']} scans, {d['unusable']} unusable, {d['bytes'] / 2**20:.1f} MiB"
+              + (f", {d['partial']} partial writes (from killed runs; ignored)" if d["partial"] else "")
+              + f"  [{d['folder']}]")
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="monai")
     ap = build_parser()
@@ -403,9 +437,13 @@ def main(argv=None) -> int:
         ap.print_help()
         return 1
     progress = "off" if a.quiet else True  # True: a bar on a terminal, lines elsewhere, or MEDCL_PROGRESS
+    if getattr(a, "cache_dir", None):  # read by every command (and torchrun's other ranks) through the environment
+        os.environ["MEDCL_CACHE"] = a.cache_dir
     try:
         _preflight(a)
-        if a.command == "config":
+        if a.command == "cache":
+            _cache_command(a.action)
+        elif a.command == "config":
             from .config import describe, recipe_names
 
             if a.action == "list":

@@ -221,9 +221,9 @@ def train_network(encoder, scans, y, train_idx, device, n_classes, seed=0, epoch
     epoch on it is kept (early stopping); without, all `epochs` run. Returns (model, best epoch count)."""
     seed_everything(seed)
     model = Classifier(copy.deepcopy(encoder), n_classes).to(device)
-    dims = scans.images.ndim - 2
+    dims = len(scans.shape) - 2
     aug = BatchedViews(ViewsConfig(crop_scale=(0.6, 1.0), rotate_deg=15, noise_std=0.03, blur_prob=0.1,
-                                   gamma=(0.75, 1.35)), dims, scans.images.shape[-1])
+                                   gamma=(0.75, 1.35)), dims, scans.shape[-1])
     counts = np.bincount(y[train_idx], minlength=n_classes).astype(float)
     weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / n_classes, dtype=torch.float32, device=device)
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr / 10 if pretrained else lr},

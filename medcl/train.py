@@ -368,11 +368,12 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if main:
         log(f"found {len(source.records)} scans in {data}" +
             (f" ({len(source.left_out)} more left out by --include/--exclude/--files)" if source.left_out else ""))
-    # every rank decodes the scans itself; a cache too big for memory gets one memmap file per rank (no shared writes)
+    # scans come from the shared scan cache (each rank decodes its share of what it lacks); only with the cache off
+    # does a dataset too big for memory get a memmap file, one per rank (no shared writes)
     cache_dir = out / "cache" if dist.world_size() == 1 else out / "cache" / f"rank{dist.rank()}"
     scans = build_cache(source, cache_dims, cfg.data.size, cfg.data.channels, cfg.data.intensity, cfg.data.strict,
                         cfg.data.max_bad_fraction, cache_dir, cfg.data.cache_max_gb, cfg.data.num_workers,
-                        progress if main else False, skip_label_maps=cfg.data.skip_label_maps)
+                        progress if main else False, skip_label_maps=cfg.data.skip_label_maps, log=log)
     if main:
         write_skipped(scans.skipped, out / "skipped.csv")
         if scans.skipped:

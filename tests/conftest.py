@@ -1,5 +1,6 @@
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -7,6 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDCL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# the scan cache of every command under test lives in a folder of this session, never in the user's ~/.cache
+os.environ["MEDCL_CACHE"] = tempfile.mkdtemp(prefix="medcl_test_cache_")
 
 warnings.filterwarnings("ignore", module="monai")
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)

@@ -107,70 +107,142 @@ def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channel
 
 @dataclass
 class ScanSet:
-    """The decoded dataset: images[rows[i]] belongs to records[i]."""
+    """The decoded dataset: images[rows[i]] belongs to records[i]. Folders larger than data.cache_max_gb are not held
+    at all: `files[i]` is record i's entry in the persistent scan cache, read per batch (memory stays flat)."""
 
-    images: np.ndarray
+    images: np.ndarray | None
     records: list
     skipped: list = field(default_factory=list)  # (path, reason)
     rows: np.ndarray | None = None  # row of images for each record
+    files: list | None = None  # per record: its .npy in the scan cache (when images is None)
+    item_shape: tuple = ()
+    decoded: int = 0  # scans this process decoded (the rest came from the scan cache)
 
     def __post_init__(self):
         if self.rows is None:
             self.rows = np.arange(len(self.records))
+        if self.images is not None:
+            self.item_shape = tuple(self.images.shape[1:])
 
     def __len__(self):
         return len(self.records)
 
     def batch(self, idx) -> np.ndarray:
         idx = np.asarray(idx)
+        out = np.empty((len(idx),) + self.item_shape, dtype=np.float32)
+        if self.images is None:
+            for j, i in enumerate(idx):
+                out[j] = np.load(self.files[i], allow_pickle=False)
+            return out
         rows = self.rows[idx]
         order = np.argsort(rows)  # sorted reads are kinder to a memmap
-        out = np.empty((len(rows),) + self.images.shape[1:], dtype=np.float32)
         out[order] = self.images[rows[order]]
         return out
 
     @property
     def shape(self):
-        return (len(self.records),) + self.images.shape[1:]
+        return (len(self.records),) + self.item_shape
+
+
+DECODER_VERSION = 1  # part of the scan cache's key: raise it when to_model_array changes its output
 
 
 def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensity: str = "percentile",
                 strict: bool = False, max_bad_fraction: float = 0.2, cache_dir: Path | None = None,
                 cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True,
-                skip_label_maps: bool = True) -> ScanSet:
+                skip_label_maps: bool = True, store="auto", log=print) -> ScanSet:
+    """Every scan of `source` as float32 (channels, *[size]*dims) in [0, 1].
+
+    Scans come from the persistent scan cache (medcl.data.store) when it has them and are decoded (and added to it)
+    when not. Under torchrun each rank first decodes its share of the missing scans, then every rank reads them all.
+    `store`: "auto" (the default cache folder), None (no cache), or a ScanStore."""
+    from .. import dist
+    from .store import open_store
+
     recs = source.records
     n = len(recs)
     item_shape = (channels,) + (size,) * dims
     nbytes = n * int(np.prod(item_shape)) * 4
-    if cache_dir is not None and nbytes > cache_max_gb * 2**30:
+    if store == "auto":
+        store = open_store(source.root, {"dims": dims, "size": size, "channels": channels, "intensity": intensity,
+                                         "skip_label_maps": skip_label_maps, "decoder": DECODER_VERSION}, log=log)
+    keys = [None] * n
+    if store is not None:
+        for i, r in enumerate(recs):
+            try:
+                keys[i] = store.key(r)
+            except OSError:  # gone since it was listed: decoding reports it by path
+                pass
+    large = nbytes > cache_max_gb * 2**30
+    lazy = large and store is not None and all(k is not None for k in keys)  # read per batch from the scan cache
+    images = None
+    if lazy:
+        pass
+    elif large and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         images = np.lib.format.open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
     else:
         images = np.empty((n,) + item_shape, dtype=np.float32)
     skipped = list(source.problems)
 
-    def work(i):
+    def decode(i):
+        """(array or None, (path, reason) or None)."""
         rec = recs[i]
         where = rec.path if rec.fmt != "npz" else f"{rec.path}:{rec.key}"
         try:
             arr, spacing = source.read(rec)
             # a MedMNIST .npz is a declared dataset (VesselMNIST3D *is* binary masks): no label-map guess there
-            return i, to_model_array(arr, spacing, where, dims, size, channels, intensity,
-                                     skip_label_maps and rec.fmt != "npz"), None
+            return to_model_array(arr, spacing, where, dims, size, channels, intensity,
+                                  skip_label_maps and rec.fmt != "npz"), None
         except ScanReadError as e:
-            return i, None, (e.path, e.reason)
+            return None, (e.path, e.reason)
+
+    def fill(i):
+        """Decode scan i and add it to the cache; returns (array or None, error or None)."""
+        img, err = decode(i)
+        store.put(keys[i], img if err is None else ("error",) + tuple(err))
+        return img, err
+
+    decoded = 0
+    if store is not None and dist.world_size() > 1:
+        # each rank decodes 1/world of what the cache lacks; after the barrier every rank reads the same files
+        missing = [i for i in range(n) if keys[i] is not None and not store.has(keys[i])]
+        mine = missing[dist.rank()::dist.world_size()]
+        bar = Progress(len(mine), f"decode scans (this rank's 1/{dist.world_size()} of {len(missing)} new)",
+                       progress, unit="scan", line_every=max(1, -(-len(mine) // 4)), min_total=50)
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            for _ in pool.map(fill, mine):
+                bar.update()
+        bar.close()
+        decoded += len(mine)
+        dist.barrier()
+
+    def work(i):
+        """(i, array or None, error or None, decoded here?)"""
+        if keys[i] is not None:
+            got = store.get(keys[i])
+            if isinstance(got, tuple):
+                return i, None, (got[1], got[2]), False
+            if got is not None:
+                return i, (None if lazy else got), None, False
+            img, err = fill(i)  # not in the cache (a new scan, or another node's share without a shared disk)
+            return i, (None if lazy else img), err, True
+        img, err = decode(i)
+        return i, img, err, True
 
     ok = np.zeros(n, dtype=bool)
     bar = Progress(n, "decode scans", progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=50)
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        for i, img, err in pool.map(work, range(n)):
+        for i, img, err, here in pool.map(work, range(n)):
             bar.update()
+            decoded += here
             if err is not None:
                 if strict:
                     raise ScanReadError(*err)
                 skipped.append(err)
                 continue
-            images[i] = img
+            if images is not None:
+                images[i] = img
             ok[i] = True
     bar.close()
     n_ok = int(ok.sum())
@@ -183,11 +255,16 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         raise MedclError(f"{bad} of {n} scans cannot be used (more than data.max_bad_fraction={max_bad_fraction}). "
                          f"First problems: {first}. Fix them, or raise the limit with --set data.max_bad_fraction=...")
     rows = np.flatnonzero(ok)
+    files = None
+    if lazy:
+        files = [store._path(keys[i], ".npy") for i in rows]
     if bad:
         recs = [recs[i] for i in rows]
-        if not isinstance(images, np.memmap):  # in memory: compact; a memmap stays on disk and is indexed via rows
+        if images is not None and not isinstance(images, np.memmap):  # in memory: compact; a memmap stays on disk
             images, rows = images[rows], np.arange(len(rows))
-    return ScanSet(images, list(recs), skipped, rows)
+    if lazy:
+        rows = np.arange(len(rows))
+    return ScanSet(images, list(recs), skipped, rows, files=files, item_shape=item_shape, decoded=decoded)
 
 
 def write_skipped(skipped: list, path: Path) -> None:
