@@ -211,7 +211,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         bar = Progress(len(mine), f"decode scans (this rank's 1/{dist.world_size()} of {len(missing)} new)",
                        progress, unit="scan", line_every=max(1, -(-len(mine) // 4)), min_total=50)
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for _ in pool.map(fill, mine):
+            for _ in _bounded_map(pool, fill, mine):
                 bar.update()
         bar.close()
         decoded += len(mine)
@@ -233,7 +233,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     ok = np.zeros(n, dtype=bool)
     bar = Progress(n, "decode scans", progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=50)
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        for i, img, err, here in pool.map(work, range(n)):
+        for i, img, err, here in _bounded_map(pool, work, range(n)):
             bar.update()
             decoded += here
             if err is not None:
@@ -265,6 +265,14 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     if lazy:
         rows = np.arange(len(rows))
     return ScanSet(images, list(recs), skipped, rows, files=files, item_shape=item_shape, decoded=decoded)
+
+
+def _bounded_map(pool, fn, items, chunk: int = 2048):
+    """pool.map in chunks: at most `chunk` scans are queued or finished-but-unread at a time, so a folder of 100k
+    scans does not hold 100k futures (and their arrays) at once."""
+    items = list(items)
+    for start in range(0, len(items), chunk):
+        yield from pool.map(fn, items[start:start + chunk])
 
 
 def write_skipped(skipped: list, path: Path) -> None:
