@@ -121,7 +121,7 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rou
 
     def medcl_batches():
         for ep in itertools.count():
-            for _, v1, v2, _ in stream.epoch(ep):
+            for _, v1, v2, _, _ in stream.epoch(ep):
                 yield v1, v2
 
     ds = TwoViewDataset(scans, monai_transform(cfg.views, dims, size), seed=0)

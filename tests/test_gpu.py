@@ -37,7 +37,7 @@ def test_side_stream_views_are_deterministic_and_survive_the_step(on_device):
         if not on_device:
             st.on_device = None  # the pinned-host path of caches too large for the GPU
         out = []
-        for s, v1, v2, idx in st.epoch(0):
+        for s, v1, v2, idx, _ in st.epoch(0):
             # consume on the training stream, as a step would, then keep a host copy
             w = torch.nn.functional.conv2d(v1, torch.ones(1, 1, 3, 3, device=dev)) + v2[..., 1:-1, 1:-1]
             out.append((v1.cpu(), v2.cpu(), w.sum().item()))

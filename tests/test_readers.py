@@ -153,15 +153,16 @@ def test_cache_skips_bad_and_lists_them(tmp_path, phantoms2d):
 
 
 def test_cache_above_its_memory_cap_is_a_memmap_in_the_run_folder(tmp_path, phantoms2d):
-    # folders larger than RAM: above data.cache_max_gb the decoded scans go to a .npy memmap under the run folder
+    # folders larger than RAM with the scan cache off: above data.cache_max_gb the decoded scans go to a .npy memmap
+    # under the run folder (with the scan cache on, batches are read from its files: tests/test_store.py)
     import shutil
 
     data = tmp_path / "d"
     shutil.copytree(phantoms2d / "scans", data)
     (data / "broken.png").write_bytes(b"nope")
-    in_ram = build_cache(discover(data), 2, 16, progress=False)
+    in_ram = build_cache(discover(data), 2, 16, progress=False, store=None)
     on_disk = build_cache(discover(data), 2, 16, cache_dir=tmp_path / "run" / "cache", cache_max_gb=0.0,
-                          progress=False)
+                          progress=False, store=None)
     assert not isinstance(in_ram.images, np.memmap) and isinstance(on_disk.images, np.memmap)
     assert (tmp_path / "run" / "cache" / "scans.npy").is_file() and not list(data.rglob("*.npy"))
     assert [r.key for r in on_disk.records] == [r.key for r in in_ram.records] and len(on_disk) == 48

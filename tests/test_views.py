@@ -119,10 +119,10 @@ def _stream(n=20, batch=4, seed=0):
 def test_stream_views_depend_only_on_seed_epoch_and_step():
     # views are made ahead in a background thread: which thread made them must not matter, and a resumed epoch
     # (start_step > 0) must see the very views the uninterrupted epoch saw
-    full = {s: (v1, v2, idx) for s, v1, v2, idx in _stream().epoch(0)}
+    full = {s: (v1, v2, idx) for s, v1, v2, idx, _ in _stream().epoch(0)}
     assert sorted(full) == [0, 1, 2, 3, 4]
     assert sorted(np.concatenate([full[s][2] for s in full]).tolist()) == list(range(20))  # every scan once
-    resumed = {s: (v1, v2) for s, v1, v2, _ in _stream().epoch(0, start_step=3)}
+    resumed = {s: (v1, v2) for s, v1, v2, _, _ in _stream().epoch(0, start_step=3)}
     assert sorted(resumed) == [3, 4]
     for s in resumed:
         assert torch.equal(resumed[s][0], full[s][0]) and torch.equal(resumed[s][1], full[s][1])
