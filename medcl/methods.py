@@ -208,7 +208,19 @@ class _Momentum(SSLMethod):
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in list(self.momentum_encoder.parameters()) + list(self.momentum_projector.parameters()):
             p.requires_grad_(False)
-        self.current_momentum = cfg.momentum
+        self.total_steps = 0  # set by the training loop: the automatic base momentum depends on the run's length
+        self.current_momentum = self.base_momentum()
+
+    def base_momentum(self) -> float:
+        """method.momentum, or (0: automatic) one that lets the target follow within the run: the papers' 0.99-0.996
+        are for 10^4-10^6 steps; with a 0.99 base a run of a few hundred steps barely moves its target away from the
+        random initialisation, and the online network learns to predict random features. 1 - m = 10 / steps,
+        kept within [0.004, 0.1] (0.996 for long runs, 0.9 for the shortest)."""
+        if self.cfg.momentum > 0:
+            return self.cfg.momentum
+        if not self.total_steps:
+            return 0.99
+        return 1 - min(0.1, max(0.004, 10 / self.total_steps))
 
     @torch.no_grad()
     def target(self, x):
@@ -217,7 +229,7 @@ class _Momentum(SSLMethod):
     @torch.no_grad()
     def step_end(self, progress):
         # cosine increase of the EMA momentum from its base value to 1 (BYOL; MoCo v3)
-        m = 1 - (1 - self.cfg.momentum) * (math.cos(math.pi * progress) + 1) / 2
+        m = 1 - (1 - self.base_momentum()) * (math.cos(math.pi * progress) + 1) / 2
         self.current_momentum = m
         for online, target in ((self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)):
             # one fused update for all tensors (a per-parameter loop is hundreds of tiny kernel launches on a GPU)

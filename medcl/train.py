@@ -438,6 +438,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         method.encoder = torch.compile(method.encoder)
     opt = build_optimizer(cfg.optim, method, device, fused=speed["fused"])
     total = steps_per_epoch * cfg.train.epochs
+    if method.uses_momentum:
+        method.total_steps = total
     warm = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warm, total, cfg.optim.min_lr_ratio))
     use_amp = speed["amp"]
