@@ -182,22 +182,27 @@ def test_two_gloo_ranks_decode_each_scan_exactly_once(tmp_path, folder):
 
 @pytest.mark.slow
 def test_commands_give_identical_outputs_with_and_without_a_warm_cache(tmp_path, phantoms2d):
-    """embed with a cold cache, a warm one, and none: the same embeddings, bit for bit."""
+    """embed and finetune with a cold cache, a warm one, and none: the same embeddings and predictions, bit for bit."""
     from medcl.cli import main
 
     run = tmp_path / "run"
     env = os.environ.copy()
     assert main(["pretrain", str(phantoms2d), "--out", str(run), "--epochs", "1", "--set", "encoder.widen_factor=0.125",
                  "--set", "data.size=16", "--batch-size", "16", "--quiet", "--cache-dir", str(tmp_path / "c")]) == 0
-    outs = []
+    outs, preds = [], []
     for name, cache in (("cold", tmp_path / "c2"), ("warm", tmp_path / "c2"), ("none", "off")):
         assert main(["embed", "--checkpoint", str(run), "--data", str(phantoms2d), "--out", str(tmp_path / name),
                      "--quiet", "--cache-dir", str(cache)]) == 0
         outs.append(np.load(tmp_path / name / "embeddings.npz")["features"])
+        assert main(["finetune", "--checkpoint", str(run), "--data", str(phantoms2d), "--labels",
+                     str(phantoms2d / "labels.csv"), "--out", str(tmp_path / f"ft_{name}"), "--label-fraction", "0.5",
+                     "--quiet", "--cache-dir", str(cache)]) == 0
+        preds.append((tmp_path / f"ft_{name}" / "predictions.csv").read_text())
     os.environ.clear()
     os.environ.update(env)
     for o in outs[1:]:
         assert np.array_equal(o, outs[0])
+    assert preds[1] == preds[0] and preds[2] == preds[0]
 
 
 def test_cache_info_and_clear(tmp_path, folder, capsys):
