@@ -213,9 +213,9 @@ class _Momentum(SSLMethod):
 
     def base_momentum(self) -> float:
         """method.momentum, or (0: automatic) one that lets the target follow within the run: the papers' 0.99-0.996
-        are for 10^4-10^6 steps; with a 0.99 base a run of a few hundred steps barely moves its target away from the
-        random initialisation, and the online network learns to predict random features. 1 - m = 10 / steps,
-        kept within [0.004, 0.1] (0.996 for long runs, 0.9 for the shortest)."""
+        are for 10^4-10^6 steps, and with a 0.99 base a run of a few hundred steps barely moves its target away from
+        the random initialisation. 1 - m = 10 / steps, kept within [0.004, 0.1] (0.996 for long runs, 0.9 for the
+        shortest). Whether it helps short runs is not settled: docs/methods.md has the measurements."""
         if self.cfg.momentum > 0:
             return self.cfg.momentum
         if not self.total_steps:
