@@ -71,7 +71,7 @@ class MethodConfig:
     pred_hidden: int = 0  # BYOL/SimSiam/MoCo v3 predictor hidden width; 0: the method's
     margin: float = 1.0  # pair/triplet margin (on L2-normalised embeddings)
     mining: str = "batch_hard"  # triplet: batch_hard | semi_hard
-    momentum: float = 0.0  # MoCo/BYOL/DINO EMA base, cosine-increased to 1; 0: automatic, 1 - 10/steps in [0.9, 0.996]
+    momentum: float = 0.0  # MoCo/BYOL/DINO EMA base, cosine-increased to 1; 0: automatic, 1 - 10/steps in [0.9, 0.996] (MoCo v2: 0.99)
     queue_size: int = 4096  # MoCo v2 negative queue
     barlow_lambda: float = 0.005  # Barlow Twins off-diagonal weight
     vicreg_weights: tuple = (25.0, 25.0, 1.0)  # invariance, variance, covariance
