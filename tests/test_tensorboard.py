@@ -133,7 +133,8 @@ def test_real_tensorboard_server_serves_the_run(small_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_gradient,flagged", [(False, True), (True, False)])
 def test_collapsing_run_is_flagged(tmp_path, phantoms2d, stop_gradient, flagged):
-    name = "simsiam" if not stop_gradient else "simclr"  # control: a contrastive run that cannot collapse this way
+    # BYOL without its stop-gradient collapses (SimSiam no longer does: its projector ends in BatchNorm, as in the paper)
+    name = "byol" if not stop_gradient else "simclr"  # control: a contrastive run that cannot collapse this way
     cfg = apply_overrides(MedclConfig(), {**TINY, "method": {"name": name, "stop_gradient": stop_gradient},
                                           "train": {"epochs": 6, "batch_size": 16, "monitor_every": 1},
                                           "optim": {"lr": 0.01}})
