@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def run_measure(folder, dims, size, cache, max_gb=4.0, nproc=1) -> list[dict]:
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
-    rows = [json.loads(line[7:]) for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    # ranks share stdout, so their lines can interleave: pick each flat JSON object after its marker
+    rows = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", res.stdout)]
     for r in rows:
         r["process_wall"] = wall
     return rows
