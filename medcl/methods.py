@@ -89,6 +89,7 @@ class SSLMethod(nn.Module):
     uses_momentum = False
     has_predictor = False  # BYOL, SimSiam, MoCo v3: an MLP on top of the projection
     multi_crop = True  # takes local views
+    uses_temperature = False  # its loss is a softmax with method.temperature
 
     def __init__(self, encoder: nn.Module, cfg, name: str = "", image_size: int = 0):
         super().__init__()
@@ -119,7 +120,7 @@ class SSLMethod(nn.Module):
             parts.append(f"projector {self.encoder.feat_dim}-{widths(self.projector)}" + (" + BN" if bn_out else ""))
         if isinstance(getattr(self, "predictor", None), nn.Sequential):
             parts.append(f"predictor {widths(self.predictor)}")
-        if any(k in type(self).__name__ for k in ("SimCLR", "SupCon", "MoCo", "MonaiSSL")):
+        if self.uses_temperature:
             parts.append(f"temperature {self.cfg.temperature:g}")
         return ", ".join(parts) or "-"
 
@@ -142,11 +143,13 @@ class SSLMethod(nn.Module):
 
 
 class SimCLR(SSLMethod):
+    uses_temperature = True
     def loss_fn(self, z1, z2, labels):
         return losses.nt_xent(z1, z2, self.cfg.temperature, gather=self.gather, rank=self.rank)
 
 
 class SupCon(SSLMethod):
+    uses_temperature = True
     needs_labels = True
 
     def loss_fn(self, z1, z2, labels):
@@ -255,6 +258,7 @@ class BYOL(_Momentum):
 
 
 class MoCoV3(_Momentum):
+    uses_temperature = True
     has_predictor = True
 
     def forward(self, v1, v2, labels=None, local=()):
@@ -266,6 +270,7 @@ class MoCoV3(_Momentum):
 
 
 class MoCoV2(_Momentum):
+    uses_temperature = True
     # its queue holds keys from many past steps, which must stay consistent: a fast-moving key encoder breaks that
     # (the MoCo paper's ablation; here 0.9 instead of 0.99 took the probe AUC from 0.940 to 0.897 on PneumoniaMNIST)
     auto_momentum = False
@@ -446,6 +451,7 @@ class MAE(SSLMethod):
 
 
 class MonaiSSL(SSLMethod):
+    uses_temperature = True
     """MONAI's self-supervised recipe (Tang et al. 2022; MONAI's self-supervised tutorial): each view is corrupted by
     in-painting or out-painting holes (RandCoarseDropout) and shuffled patches (RandCoarseShuffle); a decoder
     (MONAI's Generator, from the pooled features) restores the clean view (L1) while the two corrupted views'

@@ -175,9 +175,9 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
                 pass
     large = nbytes > cache_max_gb * 2**30
     lazy = large and store is not None and all(k is not None for k in keys)  # read per batch from the scan cache
-    images = None
+    images = None  # stays None when lazy: nothing held in memory
     if lazy:
-        pass
+        pass  # batches are read from the scan cache's files
     elif large and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         images = np.lib.format.open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
@@ -255,9 +255,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         raise MedclError(f"{bad} of {n} scans cannot be used (more than data.max_bad_fraction={max_bad_fraction}). "
                          f"First problems: {first}. Fix them, or raise the limit with --set data.max_bad_fraction=...")
     rows = np.flatnonzero(ok)
-    files = None
-    if lazy:
-        files = [store._path(keys[i], ".npy") for i in rows]
+    files = [store.entry(keys[i]) for i in rows] if lazy else None
     if bad:
         recs = [recs[i] for i in rows]
         if images is not None and not isinstance(images, np.memmap):  # in memory: compact; a memmap stays on disk

@@ -75,6 +75,10 @@ class ScanStore:
     def _path(self, key: str, suffix: str) -> Path:
         return self.dir / key[:2] / f"{key}{suffix}"
 
+    def entry(self, key: str) -> Path:
+        """The .npy file of a decoded scan."""
+        return self._path(key, ".npy")
+
     def has(self, key: str) -> bool:
         return self._path(key, ".npy").is_file() or self._path(key, ".err").is_file()
 
