@@ -304,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the file to write, *.pt2")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
+    w = sub.add_parser("views", help="preview the augmented views a recipe makes (PNG + TensorBoard)",
+                       formatter_class=fmt, parents=[quiet],
+                       description="Before pretraining: a grid with one row per scan (the scan as medcl caches it, "
+                                   "then view pairs made by the run's own view engine; middle slices of volumes), "
+                                   "written as views.png and to TensorBoard, with the recipe as a MONAI transform "
+                                   "list and the engine each transform runs in.",
+                       epilog="examples:\n  medcl views scans/ --out runs/views\n  medcl views scans/ --out runs/views "
+                              "--config views_mri --dims 3\n  tensorboard --logdir runs/views")
+    w.add_argument("data", metavar="DATA")
+    w.add_argument("--out", required=True, help="output folder (views.png, recipe.yaml, engines.txt, tb/)")
+    _common_config_args(w)
+    w.add_argument("--dims", type=int, choices=(2, 3), help="2D or 3D views (data.dims)")
+    w.add_argument("--scans", dest="n_scans", type=int, default=6, help="rows: scans picked at random")
+    w.add_argument("--pairs", dest="view_pairs", type=int, default=3, help="view pairs per scan")
+    w.add_argument("--seed", type=int, default=0, help="which scans, and the views' randomness")
+    _selection_args(w)
+    w.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
     c = sub.add_parser("config", help="show the resolved config with every key's meaning, or list the recipes",
                        formatter_class=fmt, parents=[quiet],
                        description="`medcl config show` prints the config a run would use (defaults <- --config <- "
@@ -365,7 +383,8 @@ def _auto_base(a) -> dict:
     device = over.get("train", {}).get("device", "auto")
     device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     settings = auto_settings(profile, device)
-    typed = bool(a.set or a.dims or a.epochs or a.batch_size or a.seed is not None)
+    typed = bool(a.set or a.dims or getattr(a, "epochs", None) or getattr(a, "batch_size", None)
+                 or a.seed is not None)
     print(describe_auto(profile, _pretrain_config(a, settings), device, typed))
     return settings
 
@@ -452,7 +471,14 @@ def main(argv=None) -> int:
                 print(f"recipes shipped with medcl ({RECIPES}); use as --config NAME:")
                 print("\n".join(f"  {n}" for n in recipe_names()))
             else:
-                print(describe(_pretrain_config(a)), end="")
+                cfg = _pretrain_config(a)
+                print(describe(cfg), end="")
+                if not cfg.views.transforms:
+                    from .views import as_yaml, knob_transforms
+
+                    print(f"# views.transforms is empty, so the views are the knobs above; as MONAI transforms "
+                          f"({cfg.data.dims}D; `@spatial_size` is [data.size] * dims). Paste and edit to change them:")
+                    print(as_yaml(knob_transforms(cfg.views, cfg.data.dims)), end="")
         elif a.command == "demo":
             from .demo import demo
 
@@ -492,6 +518,12 @@ def main(argv=None) -> int:
             finetune(a.checkpoint, a.data, a.labels, a.out, a.label_fraction, a.labels_per_class, a.mode, a.seed,
                      a.positive, cfg, a.overwrite, a.epochs, a.operating_point, a.allow_outside, progress,
                      negative=a.negative, multiclass=a.multiclass, select=_selection(a))
+        elif a.command == "views":
+            from .views.preview import preview
+
+            # the settings `medcl pretrain` would use on this folder: the recipe, else the folder's auto settings
+            cfg = _pretrain_config(a, None if a.config else _auto_base(a))
+            preview(a.data, a.out, cfg, a.n_scans, a.view_pairs, a.seed, a.overwrite, progress)
         elif a.command == "embed":
             if not a.checkpoint and not a.classifier:
                 raise MedclError("embed needs --checkpoint RUN_DIR (or --classifier FT_DIR).")

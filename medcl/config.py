@@ -47,6 +47,7 @@ class ViewsConfig:
     noise_prob: float = 0.5  # probability of noise per view
     blur_sigma: tuple = (0.5, 1.0)  # gaussian blur sigma in pixels
     blur_prob: float = 0.3  # probability of blur per view
+    transforms: list = field(default_factory=list)  # MONAI transforms in bundle syntax ({_target_: RandBiasField, prob: 0.3}); empty: the knobs above (docs/views.md)
 
 
 @dataclass
@@ -162,6 +163,9 @@ def _coerce(key: str, value, default):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
+        if isinstance(default, list):
+            check_transform_items(value)
+            return list(value)
         if isinstance(default, tuple):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value] * len(default)
@@ -174,6 +178,17 @@ def _coerce(key: str, value, default):
         return value
     expect = f"a list of {len(default)} numbers" if isinstance(default, tuple) else kind.__name__
     raise ConfigError(f"config key '{key}': expected {expect}, got {value!r}.")
+
+
+def check_transform_items(items) -> None:
+    """views.transforms: a list of bundle-style items (checked here, before MONAI is imported, so a typo fails in a
+    second; MONAI's ConfigParser resolves them when views are built)."""
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError("views.transforms: expected a list of {_target_: MonaiTransform, ...} items.")
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not isinstance(it.get("_target_"), str):
+            raise ConfigError(f"views.transforms[{i}]: expected a mapping with a `_target_` (a MONAI transform name, "
+                              f"e.g. {{_target_: RandBiasField, prob: 0.3}}), got {it!r}.")
 
 
 def apply_overrides(cfg: MedclConfig, overrides: dict, source: str = "config") -> MedclConfig:

@@ -38,7 +38,7 @@ def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = Fals
                 "Pass --overwrite to replace it"
             raise RunDirError(f"{out} already exists and is not empty. {again}, or choose another --out.")
         if any((out / m).is_file() for m in ("config.yaml", "metrics.json", "embeddings.npz", "results.csv", "demo.json",
-                                         "to_label.csv", "predictions.csv")):
+                                         "to_label.csv", "predictions.csv", "views.png")):
             shutil.rmtree(out)
         else:
             raise RunDirError(f"--overwrite refused: {out} does not look like a medcl output folder; delete it yourself.")

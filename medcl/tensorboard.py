@@ -38,24 +38,41 @@ def orthogonal_slices(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[:, a // 2, :, :], x[:, :, b // 2, :], x[:, :, :, d // 2]], axis=2)
 
 
-def _to_picture(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+def _to_picture(x, stretch: bool = True) -> np.ndarray:
+    """(C, *S) -> (3, H, W) in [0, 1]; volumes as their three orthogonal middle slices. `stretch`: to the picture's
+    own min-max; else clipped to [0, 1], so that intensity changes stay visible."""
+    x = np.asarray(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
     pic = orthogonal_slices(x) if x.ndim == 4 else x
     if pic.shape[0] == 1:
         pic = np.repeat(pic, 3, axis=0)
+    if not stretch:
+        return np.clip(pic, 0, 1)
     lo, hi = pic.min(), pic.max()
     return (pic - lo) / (hi - lo + 1e-8)
 
 
+def picture_grid(rows: list, stretch: bool = True, gap: int = 2) -> np.ndarray:
+    """rows of (C, *S) scans or views -> one (3, H, W) image in [0, 1], white gaps between cells."""
+    lines = []
+    for row in rows:
+        cells = [_to_picture(c, stretch) for c in row]
+        line = []
+        for c in cells:
+            line += [c, np.ones((3, c.shape[1], gap), dtype=np.float32)]
+        lines += [np.concatenate(line[:-1], axis=2), None]
+    width = max(ln.shape[2] for ln in lines if ln is not None)
+    out = []
+    for ln in lines[:-1]:
+        if ln is None:
+            out.append(np.ones((3, gap, width), dtype=np.float32))
+        else:
+            out.append(np.pad(ln, ((0, 0), (0, 0), (0, width - ln.shape[2])), constant_values=1.0))
+    return np.concatenate(out, axis=1)
+
+
 def view_pair_grid(v1: torch.Tensor, v2: torch.Tensor, n: int = 8) -> np.ndarray:
     """Rows of (view 1 | view 2) for the first n samples, as a (3, H, W) image in [0,1]."""
-    rows = []
-    for i in range(min(n, len(v1))):
-        a, b = _to_picture(v1[i].detach().float().cpu().numpy()), _to_picture(v2[i].detach().float().cpu().numpy())
-        gap = np.ones((3, a.shape[1], 2), dtype=np.float32)
-        rows.append(np.concatenate([a, gap, b], axis=2))
-        rows.append(np.ones((3, 2, rows[-1].shape[2]), dtype=np.float32))
-    return np.concatenate(rows[:-1], axis=1)
+    return picture_grid([(v1[i], v2[i]) for i in range(min(n, len(v1)))])
 
 
 def log_view_pairs(writer, v1, v2, step: int, tag: str = "views/pairs") -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import queue
@@ -26,7 +25,7 @@ from .monitors import collapse_metrics, is_collapsed, knn_probe
 from .progress import Progress, duration, eta_text
 from .runs import prepare_out_dir
 from .runtime import encode, pick_device, seed_everything  # noqa: F401 (also medcl.train.encode, as before)
-from .views import BatchedViews, TwoViewDataset, monai_transform, resolve_backend, _seed
+from .views import BatchedViews, TwoViewDataset, _seed, engine_report, monai_transform, resolve_backend
 from . import tensorboard as tb
 
 
@@ -108,14 +107,15 @@ class BatchStream:
         if self.backend == "batched":
             self.batched = BatchedViews(cfg.views, cfg.data.dims, cfg.data.size)
             if local_crops:
-                local_cfg = dataclasses.replace(cfg.views, crop_scale=cfg.method.local_crop_scale)
-                self.local_views = BatchedViews(local_cfg, cfg.data.dims, local_size)
+                self.local_views = BatchedViews(cfg.views, cfg.data.dims, local_size, cfg.method.local_crop_scale)
             nbytes = int(np.prod(scans.shape)) * 4
             if device.type == "cuda" and nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
                 # the whole decoded dataset fits on the GPU: a step is then indexing + augmentation, no host work
                 self.on_device = torch.as_tensor(scans.batch(np.arange(len(scans)))).to(device)
+            self.report = self.batched.report
         else:
             self.transform = monai_transform(cfg.views, cfg.data.dims, cfg.data.size)
+            self.report = engine_report(cfg.views, cfg.data.dims, cfg.data.size, "monai")
 
     def _local(self, order, step):
         glob = order[step * self.global_batch:(step + 1) * self.global_batch]
@@ -482,6 +482,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
             f"{len(scans)} scans, batch {global_batch}, {steps_per_epoch} steps x {cfg.train.epochs} epochs, "
             f"views={stream.backend}")
         log(f"method settings: {method.describe()}" + (f", {n_local} local crops of {local_size} px" if n_local else ""))
+        log("views, and the engine each transform runs in:\n" + "\n".join(f"  {line}" for line in stream.report))
     collapse_warned = False
     last_loss = float("nan")
     pending: list = []  # (global step, epoch, step, loss copy, its copy event): losses not yet read on the host
