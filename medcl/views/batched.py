@@ -440,22 +440,22 @@ def _no_lazy(v):
     return not v
 
 
-def build_op(spec: Spec, nxt: Spec | None, dims: int, shape):
+def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = False):
     """(op, consumed, reason): the batched op for `spec` (consuming the following Resize for a crop), or None and
-    why MONAI runs it."""
+    why MONAI runs it. `after_crop`: the input shape is not known to be `shape` (a Resize is then never a no-op)."""
     a, name = spec.args, spec.name
     p = float(a.get("prob", 1.0))
     if name in ("RandScaleCrop", "RandSpatialCrop"):
         bad = _unsupported(spec, {"lazy": _no_lazy})
         if bad:
             return None, 1, f"{bad} is not batched"
-        if nxt is None or nxt.name != "Resize" or build_op(nxt, None, dims, shape)[0] is None:
+        resize = build_op(nxt, None, dims, shape, after_crop=True)[0] if nxt is not None and nxt.name == "Resize" else None
+        if resize is None:
             return None, 1, "its views differ in size, so it is batched only when a batched Resize follows it"
         lo, hi = _crop_scales(spec, shape)
-        resize = build_op(nxt, None, dims, shape)[0]
         return CropResize(lo, hi, bool(a.get("random_center", True)), resize.out_shape, resize.mode), 2, None
     if name == "Resize":
-        if _resize_shape(a["spatial_size"], shape) == tuple(shape) and not a.get("lazy"):  # a no-op in any mode
+        if not after_crop and _resize_shape(a["spatial_size"], shape) == tuple(shape) and not a.get("lazy"):  # a no-op
             op = CropResize([1.0] * dims, [1.0] * dims, False, tuple(shape), None)
             return op, 1, None
         bad = _unsupported(spec, {"size_mode": lambda v: v == "all", "mode": lambda v: v in LINEAR + ("nearest",),
@@ -550,7 +550,10 @@ class Plan:
         i = 0
         while i < len(specs):
             spec = specs[i]
-            op, used, reason = build_op(spec, specs[i + 1] if i + 1 < len(specs) else None, dims, shape)
+            op, used, reason = build_op(spec, specs[i + 1] if i + 1 < len(specs) else None, dims, shape,
+                                        after_crop=bool(fallback))  # after MONAI's transforms the shape is unknown
+            if op is not None and fallback and spec.name == "Resize":  # what MONAI made may vary in size per scan
+                op, used, reason = None, 1, "it follows a transform MONAI runs, whose views may differ in size"
             names = " + ".join(s.name for s in specs[i:i + used])
             if op is None:
                 flush_block()
