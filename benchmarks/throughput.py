@@ -5,7 +5,9 @@
   (b') the same through the real `medcl pretrain` loop (an .npz of random scans; logging and loss reading included)
   (c) peer-style: MONAI transforms per sample in CPU DataLoader workers (as many as cores) -> step
 
-Prints a table with b/a, b'/a and b/c and the peak GPU memory. Usage:
+The "medical views" rows add RandBiasField, RandHistogramShift and RandCoarseDropout (p=0.5 each) to the default
+recipe, so the cost of the medical transforms shows beside the plain rows. Prints a table with b/a, b'/a and b/c and
+the peak GPU memory. Usage:
   python benchmarks/throughput.py            # GPU cases if a GPU is visible, else small CPU cases
   python benchmarks/throughput.py --cpu      # force the CPU cases
 """
@@ -33,19 +35,33 @@ from medcl.methods import build_method  # noqa: E402
 from medcl.train import BatchStream, build_optimizer, speed_settings  # noqa: E402
 from medcl.views import TwoViewDataset, monai_transform  # noqa: E402
 
+# the medical rows: the default views plus the three cheap medical transforms the batched engine adds
+MEDICAL = [{"_target_": "RandBiasField", "prob": 0.5},
+           {"_target_": "RandHistogramShift", "prob": 0.5, "num_control_points": [5, 10]},
+           {"_target_": "RandCoarseDropout", "prob": 0.5, "holes": 1, "max_holes": 4, "spatial_size": "$@size // 8",
+            "max_spatial_size": "$@size // 4"}]
 GPU_CASES = [("2D ResNet-18 128^2", 2, 128, "resnet18", 512), ("2D ResNet-50 224^2", 2, 224, "resnet50", 128),
-             ("3D ResNet-18 96^3", 3, 96, "resnet18", 16)]
-CPU_CASES = [("2D ResNet-18 64^2", 2, 64, "resnet18", 64), ("3D ResNet-18 48^3 (standard stem)", 3, 48, "resnet18", 8)]
+             ("3D ResNet-18 96^3", 3, 96, "resnet18", 16),
+             ("2D ResNet-18 128^2, medical views", 2, 128, "resnet18", 512, MEDICAL),
+             ("3D ResNet-18 96^3, medical views", 3, 96, "resnet18", 16, MEDICAL)]
+CPU_CASES = [("2D ResNet-18 64^2", 2, 64, "resnet18", 64), ("3D ResNet-18 48^3 (standard stem)", 3, 48, "resnet18", 8),
+             ("2D ResNet-18 64^2, medical views", 2, 64, "resnet18", 64, MEDICAL),
+             ("3D ResNet-18 48^3, medical views", 3, 48, "resnet18", 8, MEDICAL)]
 
 
-def make_cfg(dims, size, name, batch):
-    return apply_overrides(MedclConfig(), {"data": {"dims": dims, "size": size},
-                                           "encoder": {"name": name, "stem": "standard" if dims == 3 else "auto"},
-                                           "train": {"batch_size": batch}})
+def make_cfg(dims, size, name, batch, extra_views=None):
+    from medcl.views import knob_transforms
+
+    cfg = apply_overrides(MedclConfig(), {"data": {"dims": dims, "size": size},
+                                          "encoder": {"name": name, "stem": "standard" if dims == 3 else "auto"},
+                                          "train": {"batch_size": batch}})
+    if extra_views:
+        cfg.views.transforms = knob_transforms(cfg.views, dims) + list(extra_views)
+    return cfg
 
 
-def setup(dims, size, name, batch, device):
-    cfg = make_cfg(dims, size, name, batch)
+def setup(dims, size, name, batch, device, extra_views=None):
+    cfg = make_cfg(dims, size, name, batch, extra_views)
     speed = speed_settings(cfg, device)  # the training loop's own speed switches, at their defaults
     torch.manual_seed(0)
     method = build_method("simclr", build_encoder(cfg), cfg.method).to(device)
@@ -67,7 +83,7 @@ def step(method, opt, v1, v2, device, speed):
     opt.step()
 
 
-def pretrain_loop(dims, size, name, batch, device, steps, tmp):
+def pretrain_loop(dims, size, name, batch, device, steps, tmp, extra_views=None):
     """(b') the real `medcl pretrain` on an .npz of random scans: one epoch of 2*steps steps, scalars logged every
     `steps` steps; the samples/s it logs for the second half (the first half is warm-up) is the figure."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -79,7 +95,7 @@ def pretrain_loop(dims, size, name, batch, device, steps, tmp):
     (Path(tmp) / "data").mkdir()
     npz = Path(tmp) / "data" / f"random_{dims}d_{size}.npz"
     np.savez(npz, train_images=rng.integers(0, 256, (n,) + (size,) * dims, dtype=np.uint8))
-    cfg = make_cfg(dims, size, name, batch)
+    cfg = make_cfg(dims, size, name, batch, extra_views)
     cfg = apply_overrides(cfg, {"train": {"epochs": 1, "log_every": steps, "device": device.type},
                                 "data": {"cache_max_gb": 64.0}})
     out = Path(tmp) / f"run_{dims}d_{size}"
@@ -103,8 +119,8 @@ def timed(it, method, opt, device, speed, warmup, steps, batch):
     return steps * batch / (time.perf_counter() - t)
 
 
-def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rounds, loop):
-    cfg, method, opt, speed = setup(dims, size, name, batch, device)
+def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rounds, loop, extra_views=None):
+    cfg, method, opt, speed = setup(dims, size, name, batch, device, extra_views)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     shape = (batch, 1) + (size,) * dims
@@ -170,7 +186,7 @@ def run_case(label, dims, size, name, batch, device, warmup, steps, workers, rou
         if device.type == "cuda":
             torch.cuda.empty_cache()
         with tempfile.TemporaryDirectory() as tmp:
-            bl = pretrain_loop(dims, size, name, batch, device, steps, tmp)
+            bl = pretrain_loop(dims, size, name, batch, device, steps, tmp, extra_views)
     return dict(case=label, batch=batch, a=a, b=b, bl=bl, c=c, mem=mem, d=d, e=e, spread=spread)
 
 
@@ -203,7 +219,9 @@ def main():
           f"median of {args.rounds} interleaved rounds")
     rows = []
     for case in cases:
-        r = run_case(*case, device, warmup, steps, workers, args.rounds, not args.no_loop)
+        label, dims, size, name, batch, *extra = case
+        r = run_case(label, dims, size, name, batch, device, warmup, steps, workers, args.rounds, not args.no_loop,
+                     extra[0] if extra else None)
         rows.append(r)
         print(f"  done {r['case']}", flush=True)
     print()

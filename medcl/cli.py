@@ -75,8 +75,10 @@ def _common_config_args(p, for_finetune=False):
                                         "list`) whose data/encoder sections define the network trained from scratch; "
                                         "with a checkpoint, the encoder's own settings are used")
     else:
-        p.add_argument("--config", help="YAML recipe: a file, or the name of a recipe that ships with medcl "
-                                        "(`medcl config list`); values there override the defaults")
+        p.add_argument("--config", action="append", help="YAML recipe: a file, or the name of a recipe that ships "
+                       "with medcl (`medcl config list`); values there override the defaults. Repeatable (later "
+                       "ones win), e.g. --config medmnist28 --config views_xray. A views-only recipe (views_*) "
+                       "keeps the folder's own defaults for everything else")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set method.name=byol (repeatable; "
                         "`medcl config show` lists every key with its meaning)")
@@ -486,13 +488,13 @@ def main(argv=None) -> int:
         elif a.command == "pretrain":
             from pathlib import Path
 
-            from .config import saved_run
+            from .config import saved_run, views_only
             from .data.labels import labels_from_records, read_labels_csv, read_pairs_csv
 
             saved = Path(a.out) / "config.yaml"
             # resuming: what the user typed is applied to the saved config, so repeating the original flags is fine
             base = saved_run(saved)[0] if a.resume and saved.is_file() else None
-            if base is None and not a.config:
+            if base is None and (not a.config or views_only(a.config)):
                 base = _auto_base(a)
             cfg = _pretrain_config(a, base)
             task = dict(negative=a.negative, multiclass=a.multiclass)
@@ -521,8 +523,10 @@ def main(argv=None) -> int:
         elif a.command == "views":
             from .views.preview import preview
 
+            from .config import views_only
+
             # the settings `medcl pretrain` would use on this folder: the recipe, else the folder's auto settings
-            cfg = _pretrain_config(a, None if a.config else _auto_base(a))
+            cfg = _pretrain_config(a, _auto_base(a) if not a.config or views_only(a.config) else None)
             preview(a.data, a.out, cfg, a.n_scans, a.view_pairs, a.seed, a.overwrite, progress)
         elif a.command == "embed":
             if not a.checkpoint and not a.classifier:

@@ -259,12 +259,24 @@ def _read_yaml(p: Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None, base: dict | None = None) -> MedclConfig:
+def _paths(path) -> list:
+    return [] if not path else [path] if isinstance(path, (str, Path)) else list(path)
+
+
+def views_only(path) -> bool:
+    """True when every recipe given sets nothing but `views` (e.g. views_mri): the folder's own defaults
+    (medcl.auto) then still decide everything else."""
+    return bool(_paths(path)) and all(set(_read_yaml(resolve_recipe(p))) <= {"views"} for p in _paths(path))
+
+
+def load_config(path=None, overrides: dict | None = None, base: dict | None = None) -> MedclConfig:
+    """defaults <- base (a saved run, or the folder's auto settings) <- recipes (a path or a list, later ones win)
+    <- overrides (--set)."""
     cfg = MedclConfig()
     if base:
         apply_overrides(cfg, base, "saved run config")
-    if path:
-        p = resolve_recipe(path)
+    for path_ in _paths(path):
+        p = resolve_recipe(path_)
         apply_overrides(cfg, _read_yaml(p), str(p))
     if overrides:
         apply_overrides(cfg, overrides, "--set")

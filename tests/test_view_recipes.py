@@ -15,18 +15,19 @@ from medcl.views.recipe import parse
 RESIZE = {"_target_": "Resize", "spatial_size": "@spatial_size", "mode": "bilinear"}
 
 
-def phantom(dims, size):
-    """Structured, asymmetric content: two ramps of different slopes and an off-centre blob, in [0, 1]."""
+def phantom(dims, size, channels=1):
+    """Structured, asymmetric content: two ramps of different slopes and an off-centre blob, in [0, 1]; more
+    channels are differently scaled copies (a colour image)."""
     ax = torch.linspace(0, 1, size)
     grids = torch.meshgrid(*([ax] * dims), indexing="ij")
     x = 0.5 * grids[0] + 0.2 * grids[1]
     blob = sum((g - c) ** 2 for g, c in zip(grids, (0.7, 0.3, 0.5)))
-    x = x + 0.3 * torch.exp(-blob / 0.02)
-    return x[None].clamp(0, 1)
+    x = (x + 0.3 * torch.exp(-blob / 0.02)).clamp(0, 1)
+    return torch.stack([x, 1 - x, 0.5 * x][:channels])
 
 
-def both_engines(items, dims, size, n):
-    x = phantom(dims, size)
+def both_engines(items, dims, size, n, channels=1):
+    x = phantom(dims, size, channels)
     specs = parse(items, dims, size)
     from monai.transforms import Compose
 
@@ -66,6 +67,8 @@ CASES = {
     "RandAdjustContrast": [{"_target_": "RandAdjustContrast", "prob": 0.7, "gamma": [0.5, 2.0]}],
     "RandScaleIntensity": [{"_target_": "RandScaleIntensity", "prob": 0.8, "factors": [0.1, 0.5]}],
     "RandShiftIntensity": [{"_target_": "RandShiftIntensity", "prob": 0.8, "offsets": 0.2}],
+    "RandScaleIntensity per channel": [{"_target_": "RandScaleIntensity", "prob": 0.8, "factors": 0.3,
+                                        "channel_wise": True}],
     "RandGaussianNoise": [{"_target_": "RandGaussianNoise", "prob": 0.6, "mean": 0.05, "std": 0.1}],
     "RandGaussianSmooth": [{"_target_": "RandGaussianSmooth", "prob": 0.7, "sigma_x": [0.5, 1.5],
                             "sigma_y": [0.2, 0.4], "sigma_z": [0.3, 0.9]}],
@@ -85,7 +88,7 @@ CASES = {
 def test_batched_engine_matches_monai_in_distribution(case, dims):
     size, n = (16, 500) if dims == 2 else (10, 200)
     items = [dims_args(it, dims) for it in CASES[case]]
-    ref, ours, plan = both_engines(items, dims, size, n)
+    ref, ours, plan = both_engines(items, dims, size, n, channels=3 if "per channel" in case else 1)
     red = tuple(range(1, ours.ndim))
     assert all("batched" in line for line in plan.report), plan.report  # the batched engine really ran it
     assert ours.shape == ref.shape

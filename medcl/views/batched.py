@@ -181,13 +181,14 @@ class Contrast:  # RandAdjustContrast
         return torch.where(_bshape(_coin(self.prob, b, g, dev), v.ndim), out, v)
 
 
-class ScaleShift:  # RandScaleIntensity (v * (1 + f)) and RandShiftIntensity (v + f)
-    def __init__(self, prob, rng, scale: bool):
-        self.prob, self.rng, self.scale = prob, rng, scale
+class ScaleShift:  # RandScaleIntensity (v * (1 + f)) and RandShiftIntensity (v + f); channel_wise: f per channel
+    def __init__(self, prob, rng, scale: bool, channel_wise: bool = False):
+        self.prob, self.rng, self.scale, self.channel_wise = prob, rng, scale, channel_wise
 
     def __call__(self, v, g):
         b, dev = v.shape[0], v.device
-        f = _bshape(_u(*self.rng, (b,), g, dev), v.ndim)
+        c = v.shape[1] if self.channel_wise else 1
+        f = _u(*self.rng, (b, c), g, dev).view((b, c) + (1,) * (v.ndim - 2))
         return torch.where(_bshape(_coin(self.prob, b, g, dev), v.ndim), v * (1 + f) if self.scale else v + f, v)
 
 
@@ -493,11 +494,9 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
         gm = a.get("gamma", (0.5, 4.5))
         return Contrast(p, (0.5, float(gm)) if isinstance(gm, (int, float)) else _pair(gm, name)), 1, None
     if name in ("RandScaleIntensity", "RandShiftIntensity"):
-        bad = _unsupported(spec, {"channel_wise": _no_lazy, "safe": _no_lazy})
-        if bad:
-            return None, 1, f"{bad} is not batched"
-        scale = name == "RandScaleIntensity"
-        return ScaleShift(p, _pair(a["factors" if scale else "offsets"], name), scale), 1, None
+        scale = name == "RandScaleIntensity"  # (`safe` only matters for integer images; views are float32)
+        return ScaleShift(p, _pair(a["factors" if scale else "offsets"], name), scale,
+                          bool(a.get("channel_wise", False))), 1, None
     if name == "RandGaussianNoise":
         return Noise(p, float(a.get("mean", 0.0)), float(a.get("std", 0.1)), bool(a.get("sample_std", True))), 1, None
     if name == "RandGaussianSmooth":

@@ -1,7 +1,8 @@
 """The view recipe as a list of MONAI transforms, in MONAI bundle syntax.
 
 `views.transforms` is a list of `{_target_: Name, arg: value, ...}` items resolved by `monai.bundle.ConfigParser`
-(so `@size`, `@dims`, `@spatial_size` (the view shape, [size] * dims) and `$` expressions work as in a bundle). An empty list means the knob recipe (`crop_scale`,
+(so `@size`, `@dims`, `@spatial_size` (the view shape, [size] * dims), `@interp` (bilinear in 2D, trilinear
+in 3D) and `$` expressions work as in a bundle). An empty list means the knob recipe (`crop_scale`,
 `gamma`, ...), which `knob_transforms` writes out as the equivalent list. Each item becomes a `Spec`: the MONAI
 transform object (the reference, and the fallback engine) plus its arguments with MONAI's own defaults filled in,
 which the batched engine reads when it implements that transform.
@@ -87,7 +88,8 @@ def parse(items: list, dims: int, size: int, crop_scale: tuple | None = None) ->
         crop.update(roi_scale=crop_scale[0] ** (1 / dims), max_roi_scale=crop_scale[1] ** (1 / dims), random_size=True)
     with warnings.catch_warnings():
         _quiet_monai()
-        parser = ConfigParser({"size": size, "dims": dims, "spatial_size": [size] * dims, "transforms": items})
+        parser = ConfigParser({"size": size, "dims": dims, "spatial_size": [size] * dims, "interp": _interp(dims),
+                               "transforms": items})
         specs = []
         for i, it in enumerate(items):
             name = it["_target_"]
