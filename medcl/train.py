@@ -107,7 +107,8 @@ class BatchStream:
         if self.backend == "batched":
             self.batched = BatchedViews(cfg.views, cfg.data.dims, cfg.data.size)
             if local_crops:
-                self.local_views = BatchedViews(cfg.views, cfg.data.dims, local_size, cfg.method.local_crop_scale)
+                self.local_views = BatchedViews(cfg.views, cfg.data.dims, local_size, cfg.method.local_crop_scale,
+                                                in_size=cfg.data.size)
             nbytes = int(np.prod(scans.shape)) * 4
             if device.type == "cuda" and nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
                 # the whole decoded dataset fits on the GPU: a step is then indexing + augmentation, no host work
@@ -483,6 +484,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
             f"views={stream.backend}")
         log(f"method settings: {method.describe()}" + (f", {n_local} local crops of {local_size} px" if n_local else ""))
         log("views, and the engine each transform runs in:\n" + "\n".join(f"  {line}" for line in stream.report))
+        tb.log_text(writer, "views/engines", "\n".join(f"- {line}" for line in stream.report))
     collapse_warned = False
     last_loss = float("nan")
     pending: list = []  # (global step, epoch, step, loss copy, its copy event): losses not yet read on the host

@@ -144,6 +144,7 @@ def test_progress_lines_with_eta_when_not_on_a_terminal(tmp_path, phantoms2d):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "estimated time: about" in r.stdout
+    assert "views, and the engine each transform runs in:" in r.stdout and "RandGaussianSmooth: batched" in r.stdout
     assert [ln for ln in r.stdout.splitlines() if ln.startswith("epoch 1/2: loss") and "ETA" in ln]
 
 

@@ -230,8 +230,12 @@ def test_views_of_the_wrong_size_and_multi_crop_without_a_crop_are_refused():
         BatchedViews(ViewsConfig(transforms=[{"_target_": "RandFlip", "prob": 0.5}]), 2, 8, crop_scale=(0.05, 0.4))
     items = [{"_target_": "RandScaleCrop", "roi_scale": 0.6, "random_size": True}, RESIZE,
              {"_target_": "RandBiasField", "prob": 0.5}]
-    local = BatchedViews(ViewsConfig(transforms=items), 2, 8, crop_scale=(0.05, 0.4))  # multi-crop's small views
+    local = BatchedViews(ViewsConfig(transforms=items), 2, 8, crop_scale=(0.05, 0.4), in_size=16)  # multi-crop
     assert local(torch.rand(3, 1, 16, 16), torch.Generator().manual_seed(0)).shape == (3, 1, 8, 8)
+    # a Resize to another size is never skipped as a no-op, with or without a crop before it
+    for first in ([], [{"_target_": "RandScaleCrop", "roi_scale": 1.0}]):
+        bv = BatchedViews(ViewsConfig(transforms=first + [RESIZE]), 2, 8, in_size=16)
+        assert bv(torch.rand(2, 1, 16, 16), torch.Generator()).shape == (2, 1, 8, 8)
     crop = local.plan.stages[0].steps[0]
     assert crop.hi == [pytest.approx(0.4 ** 0.5)] * 2 and crop.lo == [pytest.approx(0.05 ** 0.5)] * 2
 
@@ -265,3 +269,19 @@ def test_medcl_views_writes_a_preview_and_config_show_prints_the_list(tmp_path, 
     shown = capsys.readouterr().out
     listed = yaml.safe_load(shown[shown.index("views:\n  transforms:"):])["views"]["transforms"]
     assert listed == yaml.safe_load(yaml.safe_dump(knob_transforms(ViewsConfig(), 3)))
+
+
+@pytest.mark.parametrize("name", ["views_xray", "views_ct", "views_mri", "views_ultrasound", "views_fundus_derm"])
+def test_shipped_view_recipes_build_in_2d_and_3d_in_both_engines(name):
+    from medcl.config import load_config, views_only
+
+    assert views_only(name)  # they set nothing but views, so the folder's defaults keep deciding the rest
+    cfg = load_config(name)
+    for dims in (2, 3):
+        x = torch.rand((4, 3) + (16,) * dims, generator=torch.Generator().manual_seed(0))
+        bv = BatchedViews(cfg.views, dims, 16)
+        assert bv(x, torch.Generator().manual_seed(0)).shape == x.shape
+        assert monai_transform(cfg.views, dims, 16)(x[0]).shape == x[0].shape
+    combined = load_config(["medmnist28", name])  # a pretraining recipe, then the views: later files win
+    assert combined.data.size == 28 and combined.views.transforms == cfg.views.transforms
+    assert not views_only(["medmnist28", name])

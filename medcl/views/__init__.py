@@ -33,14 +33,16 @@ def monai_transform(cfg: ViewsConfig, dims: int, size: int, crop_scale: tuple | 
 
 
 class BatchedViews:
-    """The view recipe applied to a whole batch on its own device. Call with a (B, C, *S) tensor in [0, 1].
-    `crop_scale` (an area share) replaces the recipe's crop scale: multi-crop's small local views."""
+    """The view recipe applied to a whole batch on its own device. Call with a (B, C, *[in_size]*dims) tensor in
+    [0, 1]; views come out at `size` (in_size defaults to size). `crop_scale` (an area share) replaces the recipe's
+    crop scale: multi-crop's small local views (size: the local size, in_size: data.size)."""
 
-    def __init__(self, cfg: ViewsConfig, dims: int, size: int, crop_scale: tuple | None = None):
+    def __init__(self, cfg: ViewsConfig, dims: int, size: int, crop_scale: tuple | None = None,
+                 in_size: int | None = None):
         self.cfg, self.dims, self.size = cfg, dims, size
-        self.plan = Plan(specs_for(cfg, dims, size, crop_scale), dims, size)
+        self.plan = Plan(specs_for(cfg, dims, size, crop_scale), dims, size, in_size)
         self.report = self.plan.report
-        check_output(self.plan, dims, size)
+        check_output(self.plan, dims, size, in_size)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.plan(x, generator)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .recipe import Spec
 
-LINEAR = ("bilinear", "trilinear", "linear")
+LINEAR = ("bilinear", "trilinear")
 
 
 def _pair(v, name: str, symmetric: bool = True) -> tuple:
@@ -80,9 +80,9 @@ class CropResize:
     (what MONAI's crop then `interpolate(align_corners=False)` computes, with the box size continuous)."""
     spatial = True
 
-    def __init__(self, lo, hi, random_center, out_shape, mode):
+    def __init__(self, lo, hi, random_center, out_shape, mode, in_shape):
         self.lo, self.hi, self.random_center, self.out_shape, self.mode = lo, hi, random_center, out_shape, mode
-        self.identity = all(v == 1 for v in lo + hi)
+        self.identity = all(v == 1 for v in lo + hi) and tuple(out_shape) == tuple(in_shape)
 
     def matrix(self, b, shape, g, dev):
         d = len(shape)
@@ -277,7 +277,7 @@ class WindowRange:  # ScaleIntensityRange (deterministic)
         v = (v - a0) / (a1 - a0)
         if b0 is not None and b1 is not None:
             v = v * (b1 - b0) + b0
-        if self.clip:
+        if self.clip and (b0 is not None or b1 is not None):
             v = v.clamp(b0, b1)
         return v
 
@@ -399,7 +399,8 @@ class PerSample:
         self.compose.set_random_state(seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outs = [torch.as_tensor(self.compose(xi)).to(v.device, torch.float32) for xi in v]
+            # a copy each: some MONAI transforms write into a numpy view of their input
+            outs = [torch.as_tensor(self.compose(xi.clone())).to(v.device, torch.float32) for xi in v]
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) > 1:
             names = ", ".join(s.name for s in self.specs)
@@ -437,7 +438,7 @@ def _unsupported(spec: Spec, keys) -> str | None:
     return None
 
 
-def _no_lazy(v):
+def _off(v):
     return not v
 
 
@@ -445,28 +446,29 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
     """(op, consumed, reason): the batched op for `spec` (consuming the following Resize for a crop), or None and
     why MONAI runs it. `after_crop`: the input shape is not known to be `shape` (a Resize is then never a no-op)."""
     a, name = spec.args, spec.name
+    cls = type(spec.transform)
+    if cls.__module__.split(".")[0] != "monai" or cls.__name__ != name:  # e.g. your own class of the same name
+        return None, 1, "not MONAI's own class"
     p = float(a.get("prob", 1.0))
     if name in ("RandScaleCrop", "RandSpatialCrop"):
-        bad = _unsupported(spec, {"lazy": _no_lazy})
+        bad = _unsupported(spec, {"lazy": _off})
         if bad:
             return None, 1, f"{bad} is not batched"
         resize = build_op(nxt, None, dims, shape, after_crop=True)[0] if nxt is not None and nxt.name == "Resize" else None
         if resize is None:
             return None, 1, "its views differ in size, so it is batched only when a batched Resize follows it"
         lo, hi = _crop_scales(spec, shape)
-        return CropResize(lo, hi, bool(a.get("random_center", True)), resize.out_shape, resize.mode), 2, None
+        return CropResize(lo, hi, bool(a.get("random_center", True)), resize.out_shape, resize.mode, shape), 2, None
     if name == "Resize":
         if not after_crop and _resize_shape(a["spatial_size"], shape) == tuple(shape) and not a.get("lazy"):  # a no-op
-            op = CropResize([1.0] * dims, [1.0] * dims, False, tuple(shape), None)
-            return op, 1, None
+            return CropResize([1.0] * dims, [1.0] * dims, False, tuple(shape), None, shape), 1, None
         bad = _unsupported(spec, {"size_mode": lambda v: v == "all", "mode": lambda v: v in LINEAR + ("nearest",),
-                                  "align_corners": lambda v: not v, "anti_aliasing": _no_lazy, "lazy": _no_lazy})
+                                  "align_corners": lambda v: not v, "anti_aliasing": _off, "lazy": _off})
         if bad:
             return None, 1, f"{bad} is not batched (bilinear/trilinear/nearest are)"
-        op = CropResize([1.0] * dims, [1.0] * dims, False, _resize_shape(a["spatial_size"], shape),
-                        "nearest" if a.get("mode") == "nearest" else "bilinear")
-        op.identity = op.out_shape == tuple(shape)
-        return op, 1, None
+        # after a crop the input shape varies, so a Resize is never taken for a no-op there
+        return CropResize([1.0] * dims, [1.0] * dims, False, _resize_shape(a["spatial_size"], shape),
+                          "nearest" if a.get("mode") == "nearest" else "bilinear", () if after_crop else shape), 1, None
     if name == "RandFlip":
         axes = a.get("spatial_axis")
         axes = list(range(dims)) if axes is None else ([axes] if isinstance(axes, int) else list(axes))
@@ -476,7 +478,7 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
     if name == "RandAffine":
         bad = _unsupported(spec, {"shear_range": lambda v: not v, "spatial_size": lambda v: v is None or
                                   _resize_shape(v, shape) == tuple(shape), "mode": lambda v: v in ("bilinear", "nearest"),
-                                  "padding_mode": lambda v: v in ("zeros", "border", "reflection"), "lazy": _no_lazy})
+                                  "padding_mode": lambda v: v in ("zeros", "border", "reflection"), "lazy": _off})
         if bad:
             return None, 1, f"{bad} is not batched"
 
@@ -488,7 +490,7 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
                       ranges(a.get("scale_range"), dims), a.get("mode", "bilinear"), a.get("padding_mode", "reflection"),
                       dims), 1, None
     if name == "RandAdjustContrast":
-        bad = _unsupported(spec, {"invert_image": _no_lazy, "retain_stats": _no_lazy})
+        bad = _unsupported(spec, {"invert_image": _off, "retain_stats": _off})
         if bad:
             return None, 1, f"{bad} is not batched"
         gm = a.get("gamma", (0.5, 4.5))
@@ -523,9 +525,9 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
 class Plan:
     """The stages a recipe runs as, and a line per transform saying which engine ran it."""
 
-    def __init__(self, specs: list, dims: int, size: int):
+    def __init__(self, specs: list, dims: int, size: int, in_size: int | None = None):
         self.stages, self.report = [], []
-        shape = (size,) * dims
+        shape = (in_size or size,) * dims  # what the cache holds; `size` is what the views come out at
         block, fallback = [], []  # a run of fusable spatial ops; a run of MONAI-only specs
 
         def flush_block():
@@ -588,9 +590,9 @@ class Plan:
         return v
 
 
-def check_output(plan_call, dims: int, size: int, channels: int = 1) -> None:
+def check_output(plan_call, dims: int, size: int, in_size: int | None = None, channels: int = 1) -> None:
     """Run the recipe once on a dummy batch: views must come out as (channels, size^dims) for the encoder."""
-    x = torch.rand((2, channels) + (size,) * dims, generator=torch.Generator().manual_seed(0))
+    x = torch.rand((2, channels) + (in_size or size,) * dims, generator=torch.Generator().manual_seed(0))
     out = plan_call(x, torch.Generator().manual_seed(0))
     want = (size,) * dims
     if tuple(out.shape[2:]) != want:
