@@ -29,6 +29,20 @@ def test_nifti_anisotropic_spacing_keeps_physical_aspect():
     assert 12 <= len(filled) <= 20
 
 
+def test_spacing_does_not_depend_on_monai_metadata_tracking():
+    # the views switch MONAI's (process-wide) metadata tracking off for speed; reading a scan afterwards must still
+    # find its spacing, or an anisotropic volume would be stretched
+    from monai.data import get_track_meta, set_track_meta
+
+    was = get_track_meta()
+    set_track_meta(False)
+    try:
+        _, spacing = read_scan(shared("pypi_bundled", "nifti", "dipy_aniso_vox.nii.gz"))
+    finally:
+        set_track_meta(was)
+    assert spacing == pytest.approx((4.0, 4.0, 5.0))
+
+
 def test_4d_nifti_uses_first_volume():
     arr, spacing = read_scan(shared("pypi_bundled", "nifti", "nibabel_example4d.nii.gz"))
     assert arr.shape[0] == 2  # frames come in as channels

@@ -52,18 +52,23 @@ def _monai_loader(fmt: str):
             # differently from the same pixels as .npy or DICOM. Naming the reader also keeps MONAI from handing
             # .tif files to its DICOM reader.
             reader = PILReader(reverse_indexing=False) if fmt == "image" else NibabelReader()
-            _loaders[fmt] = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)
+            # image_only=False: the header comes back as a dict even when another part of the process has turned
+            # MONAI's metadata tracking off (the views do, for speed), so the spacing never depends on that switch
+            _loaders[fmt] = LoadImage(reader=reader, image_only=False, ensure_channel_first=True, dtype=np.float32)
     return _loaders[fmt]
 
 
 def _read_monai(path: Path, fmt: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = _monai_loader(fmt)(str(path))
+        img, meta = _monai_loader(fmt)(str(path))
     arr = np.asarray(img.numpy() if hasattr(img, "numpy") else img, dtype=np.float32)
     spacing = None
     try:
-        pix = np.asarray(img.pixdim, dtype=float).ravel()  # MetaTensor: spacing from the affine
+        from monai.data.utils import affine_to_spacing
+
+        affine = np.asarray(meta["affine"], dtype=float)  # spacing from the affine, as MetaTensor.pixdim computes it
+        pix = np.asarray(affine_to_spacing(affine, r=arr.ndim - 1), dtype=float).ravel()
         if pix.size == arr.ndim - 1 and np.all(pix > 0):
             spacing = tuple(float(p) for p in pix)
     except Exception:
