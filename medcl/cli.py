@@ -521,9 +521,8 @@ def main(argv=None) -> int:
                      a.positive, cfg, a.overwrite, a.epochs, a.operating_point, a.allow_outside, progress,
                      negative=a.negative, multiclass=a.multiclass, select=_selection(a))
         elif a.command == "views":
-            from .views.preview import preview
-
             from .config import views_only
+            from .views.preview import preview
 
             # the settings `medcl pretrain` would use on this folder: the recipe, else the folder's auto settings
             cfg = _pretrain_config(a, _auto_base(a) if not a.config or views_only(a.config) else None)

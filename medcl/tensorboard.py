@@ -56,18 +56,12 @@ def picture_grid(rows: list, stretch: bool = True, gap: int = 2) -> np.ndarray:
     lines = []
     for row in rows:
         cells = [_to_picture(c, stretch) for c in row]
-        line = []
-        for c in cells:
-            line += [c, np.ones((3, c.shape[1], gap), dtype=np.float32)]
-        lines += [np.concatenate(line[:-1], axis=2), None]
-    width = max(ln.shape[2] for ln in lines if ln is not None)
-    out = []
-    for ln in lines[:-1]:
-        if ln is None:
-            out.append(np.ones((3, gap, width), dtype=np.float32))
-        else:
-            out.append(np.pad(ln, ((0, 0), (0, 0), (0, width - ln.shape[2])), constant_values=1.0))
-    return np.concatenate(out, axis=1)
+        sep = np.ones((3, cells[0].shape[1], gap), dtype=np.float32)
+        lines.append(np.concatenate([x for c in cells for x in (c, sep)][:-1], axis=2))
+    width = max(ln.shape[2] for ln in lines)
+    lines = [np.pad(ln, ((0, 0), (0, 0), (0, width - ln.shape[2])), constant_values=1.0) for ln in lines]
+    sep = np.ones((3, gap, width), dtype=np.float32)
+    return np.concatenate([x for ln in lines for x in (ln, sep)][:-1], axis=1)
 
 
 def view_pair_grid(v1: torch.Tensor, v2: torch.Tensor, n: int = 8) -> np.ndarray:
