@@ -110,7 +110,8 @@ class Flip:
             which = torch.nn.functional.one_hot(torch.randint(d, (b,), generator=g, device=dev), d).bool()
         else:
             which = torch.zeros(b, d, dtype=torch.bool, device=dev)
-            which[:, list(self.axes)] = True
+            for ax in self.axes:  # basic indexing: a list index would be a host->device copy every batch
+                which[:, ax] = True
         sign = torch.where(which & on[:, None], -1.0, 1.0)
         return torch.diag_embed(torch.cat([sign, torch.ones(b, 1, device=dev)], 1))
 
@@ -131,10 +132,15 @@ class Affine:
         rot = rotation(ang[:, 0] if d == 2 else ang, d)
         t = torch.stack([_u(*r, (b,), g, dev) for r in self.translate], 1)
         s = torch.stack([_u(*r, (b,), g, dev) for r in self.scale], 1) + 1.0
-        half = torch.tensor([n / 2 for n in shape], device=dev)  # pixel -> normalised units (align_corners=False)
+        # pixel -> normalised units (align_corners=False): M -> D^-1 M D, t -> D^-1 t with D = diag(n / 2); python
+        # scalars, so no small host->device copy stalls a CUDA stream each batch
+        half = [n / 2 for n in shape]
         lin = rot @ torch.diag_embed(s)
-        lin = lin * half[None, None, :] / half[None, :, None]  # D^-1 M D
-        off = (rot @ t[..., None])[..., 0] / half
+        off = (rot @ t[..., None])[..., 0]
+        if len(set(shape)) > 1:
+            lin = torch.stack([torch.stack([lin[:, i, j] * (half[j] / half[i]) for j in range(d)], -1)
+                               for i in range(d)], -2)
+        off = torch.stack([off[:, i] / half[i] for i in range(d)], 1)
         on = _coin(self.prob, b, g, dev)[:, None, None]
         m = torch.eye(d + 1, device=dev).repeat(b, 1, 1)
         m[:, :d, :d] = torch.where(on, lin, m[:, :d, :d])
@@ -155,8 +161,8 @@ class Resample:
         for st in self.steps:
             m = m @ st.matrix(b, shape, g, dev)
             shape = st.out_shape or shape
-        rev = list(range(d))[::-1]  # affine_grid runs x, y(, z): tensor axes reversed
-        theta = torch.cat([m[:, rev][:, :, rev], m[:, rev, d:]], 2)
+        # affine_grid runs x, y(, z): tensor axes reversed (flips, not a list index: no host->device copy)
+        theta = torch.cat([m[:, :d, :d].flip(1, 2), m[:, :d, d:].flip(1)], 2)
         grid = F.affine_grid(theta, (b, x.shape[1]) + shape, align_corners=False)
         return F.grid_sample(x, grid, mode="nearest" if self.mode == "nearest" else "bilinear",
                              padding_mode=self.padding, align_corners=False)
