@@ -78,6 +78,57 @@ def test_unusable_scans_are_remembered_and_reported_by_path(tmp_path, folder):
     assert any(str(p).endswith("broken.png") for p, _ in second.skipped)
 
 
+def test_entries_read_fast_equal_numpy_and_damaged_ones_are_decoded_again(tmp_path, folder):
+    cache = tmp_path / "cache"
+    cold, _ = decode(folder, cache)
+    st = store_mod.open_store(folder, {"dims": 2, "size": 24, "test": 1}, root=cache)
+    keys = [st.key(r) for r in cold.records]
+    for k in keys[:5]:  # the direct read gives numpy's array, writable
+        fast = store_mod.read_entry(st.entry(k), cold.item_shape)
+        np.testing.assert_array_equal(fast, np.load(st.entry(k)))
+        assert fast.flags.writeable and fast.dtype == np.float32
+    # another layout (float64) falls back to numpy; a truncated entry and a foreign file are decoded again
+    np.save(st.entry(keys[0]), np.load(st.entry(keys[0])).astype(np.float64))
+    assert store_mod.read_entry(st.entry(keys[0]), cold.item_shape).dtype == np.float64
+    st.entry(keys[1]).write_bytes(st.entry(keys[1]).read_bytes()[:-7])
+    st.entry(keys[2]).write_bytes(b"garbage")
+    assert st.get(keys[1], cold.item_shape) is None and st.get(keys[2], cold.item_shape) is None
+    again, n = decode(folder, cache)
+    assert n == 2  # the two damaged entries
+    np.testing.assert_array_equal(again.batch(np.arange(len(again))), cold.batch(np.arange(len(cold))))
+
+
+def test_key_is_the_resolved_path_and_follows_linked_files(tmp_path, folder):
+    st = store_mod.open_store(folder, {"dims": 2, "test": 1}, root=tmp_path / "cache")
+    rec = open_source(folder, 2).records[0]
+    linked = tmp_path / "linked"
+    linked.symlink_to(folder, target_is_directory=True)
+    lrec = open_source(linked, 2).records[0]
+    assert st.key(lrec) == st.key(rec)  # the same file reached through a linked folder: one entry
+    single = tmp_path / "one.png"
+    single.symlink_to(rec.path)
+    srec = open_source(single, 2).records[0]
+    assert st.key(srec) == st.key(rec)  # a linked file: its target
+    import hashlib
+
+    p = Path(rec.path).resolve()
+    stt = p.stat()  # the key's definition (unchanged since format v1, so older caches still hit)
+    assert st.key(rec) == hashlib.sha256(f"{p}|{stt.st_size}|{stt.st_mtime_ns}\n".encode()).hexdigest()[:32]
+
+
+def test_problems_are_reported_in_scan_order_whether_cached_or_new(tmp_path, folder):
+    (folder / "a_broken.png").write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+    first, _ = decode(folder, cache)
+    (folder / "z_broken.png").write_bytes(b"nor this")  # new: decoded in the second pass, listed after a_broken
+    (folder / "0_broken.png").write_bytes(b"nor this")  # new, listed first
+    second, n = decode(folder, cache)
+    assert n == 2
+    none, _ = decode(folder, None)
+    assert [p for p, _ in second.skipped] == [p for p, _ in none.skipped]
+    assert [Path(p).name for p, _ in second.skipped] == ["0_broken.png", "a_broken.png", "z_broken.png"]
+
+
 def test_cache_inside_data_is_refused(folder):
     with pytest.raises(MedclError, match="inside DATA"):
         store_mod.open_store(folder, {"dims": 2}, root=folder / ".cache")

@@ -131,8 +131,10 @@ class ScanSet:
         idx = np.asarray(idx)
         out = np.empty((len(idx),) + self.item_shape, dtype=np.float32)
         if self.images is None:
+            from .store import read_entry
+
             for j, i in enumerate(idx):
-                out[j] = np.load(self.files[i], allow_pickle=False)
+                out[j] = read_entry(self.files[i], self.item_shape)
             return out
         rows = self.rows[idx]
         order = np.argsort(rows)  # sorted reads are kinder to a memmap
@@ -218,32 +220,50 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         dist.barrier()
 
     def work(i):
-        """(i, array or None, error or None, decoded here?)"""
-        if keys[i] is not None:
-            got = store.get(keys[i])
-            if isinstance(got, tuple):
-                return i, None, (got[1], got[2]), False
-            if got is not None:
-                return i, (None if lazy else got), None, False
-            img, err = fill(i)  # not in the cache (a new scan, or another node's share without a shared disk)
+        """(i, array or None, error or None, decoded here?) for a scan the scan cache does not have."""
+        if keys[i] is not None:  # not in the cache (new, or another node's share without a shared disk): add it
+            img, err = fill(i)
             return i, (None if lazy else img), err, True
         img, err = decode(i)
         return i, img, err, True
 
+    def cached():
+        """(i, array or None, error or None, False) for the scans the cache has, read in this thread (a small entry
+        reads faster than a thread pool hands it over); the rest are left for `work`."""
+        for i in range(n):
+            if keys[i] is None:
+                continue
+            got = store.get(keys[i], item_shape)  # read even when lazy: a damaged entry is decoded again now
+            if isinstance(got, tuple):
+                yield i, None, (got[1], got[2]), False
+            elif got is not None:
+                yield i, (None if lazy else got), None, False
+            else:
+                todo.append(i)
+
+    todo = [i for i in range(n) if keys[i] is None]
     ok = np.zeros(n, dtype=bool)
+    errors = []  # (index, (path, reason)), reported in scan order whichever pass found them
     bar = Progress(n, "decode scans", progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=50)
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        for i, img, err, here in _bounded_map(pool, work, range(n)):
+
+    def take(results):
+        nonlocal decoded
+        for i, img, err, here in results:
             bar.update()
             decoded += here
             if err is not None:
                 if strict:
                     raise ScanReadError(*err)
-                skipped.append(err)
+                errors.append((i, err))
                 continue
             if images is not None:
                 images[i] = img
             ok[i] = True
+
+    take(cached())
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        take(_bounded_map(pool, work, sorted(todo)))
+    skipped += [err for _, err in sorted(errors, key=lambda e: e[0])]
     bar.close()
     n_ok = int(ok.sum())
     if n_ok == 0:
