@@ -1,5 +1,7 @@
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -11,6 +13,7 @@ SHARED = Path(os.environ.get("MEDCL_SHARED_DATA", ROOT.parent / "shared" / "data
 
 # the scan cache of every command under test lives in a folder of this session, never in the user's ~/.cache
 os.environ["MEDCL_CACHE"] = tempfile.mkdtemp(prefix="medcl_test_cache_")
+atexit.register(shutil.rmtree, os.environ["MEDCL_CACHE"], ignore_errors=True)  # one per session, not left behind
 
 warnings.filterwarnings("ignore", module="monai")
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
