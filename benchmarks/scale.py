@@ -6,7 +6,9 @@ then, each in a fresh process so times and peak RSS belong to that command alone
   2. second run: the same folder again (everything read from the cache): the target is >= 20x faster than (1);
   3. peak RSS of (2) with the scans held in memory, and with data.cache_max_gb=0 (read per batch from the cache):
      the second stays flat as the folder grows (only the index grows);
-  4. decode under `torchrun --nproc_per_node 2` (gloo, CPU) into an empty cache vs 1 process: target <= 0.6x.
+  4. decode under `torchrun --nproc_per_node 2` (gloo, CPU) into an empty cache vs 1 process: target <= 0.6x;
+  5. the same with one decode thread per process (a rank's share of the cores, as on a node with more cores than one
+     process's pool uses).
 Not a test. Prints a markdown table.
 
 Usage:  python benchmarks/scale.py [--n2d 20000] [--n3d 2000] [--work /tmp/medcl_scale]
@@ -60,7 +62,7 @@ def make_folder(folder: Path, n: int, dims: int) -> None:
     done.write_text(str(n))
 
 
-def measure(folder: str, dims: int, size: int, cache: str, max_gb: float) -> dict:
+def measure(folder: str, dims: int, size: int, cache: str, max_gb: float, threads: int = 2) -> dict:
     """One command's scan loading, in this process: discovery + scan cache. Under torchrun, every rank runs it."""
     import resource
 
@@ -76,7 +78,7 @@ def measure(folder: str, dims: int, size: int, cache: str, max_gb: float) -> dic
     t0 = time.perf_counter()
     src = open_source(folder, dims)
     t_list = time.perf_counter() - t0
-    scans = build_cache(src, dims, size, cache_max_gb=max_gb, num_workers=2, progress=False, log=lambda *a: None)
+    scans = build_cache(src, dims, size, cache_max_gb=max_gb, num_workers=threads, progress=False, log=lambda *a: None)
     t = time.perf_counter() - t0
     x = scans.batch(list(range(0, len(scans), max(1, len(scans) // 256))))  # a batch, as training's first step reads
     out = {"n": len(scans), "seconds": t, "list_seconds": t_list, "decoded": scans.decoded, "rank": dist.rank(),
@@ -88,8 +90,8 @@ def measure(folder: str, dims: int, size: int, cache: str, max_gb: float) -> dic
     return out
 
 
-def run_measure(folder, dims, size, cache, max_gb=4.0, nproc=1) -> list[dict]:
-    args = ["_measure", str(folder), str(dims), str(size), str(cache), str(max_gb)]
+def run_measure(folder, dims, size, cache, max_gb=4.0, nproc=1, threads=2) -> list[dict]:
+    args = ["_measure", str(folder), str(dims), str(size), str(cache), str(max_gb), str(threads)]
     if nproc == 1:
         cmd = [sys.executable, __file__] + args
     else:
@@ -109,8 +111,8 @@ def run_measure(folder, dims, size, cache, max_gb=4.0, nproc=1) -> list[dict]:
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_measure":
-        f, d, s, c, g = sys.argv[2:7]
-        measure(f, int(d), int(s), c, float(g))
+        f, d, s, c, g, t = sys.argv[2:8]
+        measure(f, int(d), int(s), c, float(g), int(t))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n2d", type=int, default=20000)
@@ -140,7 +142,14 @@ def main():
         # before the shared cache: every rank decoded the whole folder itself
         before = run_measure(folder, dims, size, "off", nproc=2)
         t_before = max(r["seconds"] for r in before)
-        rows.append((dims, n, size, first, second, lazy, t_two, decoded, t_before))
+        # the same with one decode thread per process: a rank's share of a node's cores, as on a node with more
+        # cores than one process's pool uses (on 2 cores, 1 process x 2 threads already uses every core)
+        one1 = run_measure(folder, dims, size, cache, threads=1)[0]
+        shutil.rmtree(cache, ignore_errors=True)
+        two1 = max(r["seconds"] for r in run_measure(folder, dims, size, cache, nproc=2, threads=1))
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"  1 thread per process: 1 process {one1['seconds']:.1f} s, 2 ranks {two1:.1f} s", flush=True)
+        rows.append((dims, n, size, first, second, lazy, t_two, decoded, t_before, one1["seconds"], two1))
     cores = os.cpu_count()
     print(f"\nscan cache at scale, {cores} CPU cores; times are discovery + loading the scans (the command's start-up), "
           "each in a fresh process")
@@ -148,11 +157,17 @@ def main():
           "per-batch reads (MB) | 2 ranks: decode (s) | 2 ranks / 1 | decoded by the 2 ranks | 2 ranks without "
           "the cache, each decoding all (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for dims, n, size, first, second, lazy, t_two, decoded, t_before in rows:
+    for dims, n, size, first, second, lazy, t_two, decoded, t_before, _, _ in rows:
         kind = f"{n} PNG 256 px -> {size} px" if dims == 2 else f"{n} NIfTI 96^3 -> {size}^3"
         print(f"| {kind} | {first['seconds']:.1f} | {second['seconds']:.2f} | {first['seconds'] / second['seconds']:.0f}x "
               f"| {second['peak_rss_mb']:.0f} | {lazy['peak_rss_mb']:.0f} | {t_two:.1f} | "
               f"{t_two / first['seconds']:.2f} | {decoded} of {n} | {t_before:.1f} |")
+    print("\nsharded decoding with one decode thread per process (into an empty cache)")
+    print("| folder | 1 process x 1 thread (s) | 2 ranks x 1 thread (s) | 2 ranks / 1 |")
+    print("|---|---|---|---|")
+    for dims, n, size, *_, one1, two1 in rows:
+        kind = f"{n} PNG 256 px -> {size} px" if dims == 2 else f"{n} NIfTI 96^3 -> {size}^3"
+        print(f"| {kind} | {one1:.1f} | {two1:.1f} | {two1 / one1:.2f} |")
     return 0
 
 
