@@ -27,6 +27,23 @@ ALL = ["simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "sim
 ENCODER = {"mae": ["encoder.name=vit", "encoder.patch_size=4"]}  # MAE masks patch tokens: a ViT
 
 
+def feature_rank(checkpoint, data, cfg) -> float:
+    """Effective rank (RankMe, Garrido et al. 2023) of the encoder's features on the test split: how many directions
+    the features spread over. A random network spreads widely; a method that squeezes them loses what a probe reads."""
+    import numpy as np
+    import torch
+
+    from medcl.finetune import load_encoder_or_scratch, load_labeled
+    from medcl.monitors import collapse_metrics
+    from medcl.runtime import encode
+
+    enc, settings, _ = load_encoder_or_scratch(checkpoint, cfg)
+    ld = load_labeled(data, None, settings, progress=False, log=lambda *x: None)
+    test = np.flatnonzero(ld.split == "test")
+    f = encode(enc, ld.scans.batch(test), torch.device("cpu"))
+    return collapse_metrics(torch.as_tensor(f))["rankme"]
+
+
 def main():
     import warnings
 
@@ -65,8 +82,9 @@ def main():
         cfg = load_config(recipe, parse_set(a.set + extra))
         met = finetune("none", a.data, None, out / f"control_{len(rows)}", label_fraction=0.1, mode="probe", seed=0,
                        cfg=cfg, progress=False, log=lambda *x: None)
-        rows.append((label, 0.0, met["test"]["auc"], met["test"]["balanced_accuracy"]))
-        print(f"  {label}: probe AUC {met['test']['auc']:.3f}", flush=True)
+        rank = feature_rank("none", a.data, cfg)
+        rows.append((label, 0.0, met["test"]["auc"], met["test"]["balanced_accuracy"], rank))
+        print(f"  {label}: probe AUC {met['test']['auc']:.3f}, feature rank {rank:.1f}", flush=True)
     for m in a.methods:
         cfg = load_config(recipe, parse_set(a.set + ENCODER.get(m, []) + [f"method.name={m}"]))
         cfg.train.epochs = a.epochs
@@ -75,18 +93,19 @@ def main():
         t_pre = time.perf_counter() - t0
         met = finetune(out / m, a.data, None, out / f"{m}_probe", label_fraction=0.1, mode="probe", seed=0,
                        progress=False, log=lambda *x: None)
-        rows.append((m, t_pre, met["test"]["auc"], met["test"]["balanced_accuracy"]))
-        print(f"  {m}: pretrain {t_pre:.0f}s, probe AUC {met['test']['auc']:.3f}", flush=True)
+        rank = feature_rank(out / m, a.data, cfg)
+        rows.append((m, t_pre, met["test"]["auc"], met["test"]["balanced_accuracy"], rank))
+        print(f"  {m}: pretrain {t_pre:.0f}s, probe AUC {met['test']['auc']:.3f}, feature rank {rank:.1f}", flush=True)
     import torch
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nPneumoniaMNIST, {a.epochs} pretraining epochs each ({cfg.encoder.name} x{cfg.encoder.widen_factor}, "
           f"{cfg.data.size} px, batch {cfg.train.batch_size}) on {where}; linear probe with 10% of train labels; "
           "official test split (624)")
-    print("| method | pretrain time (s) | test AUC | balanced accuracy |")
-    print("|---|---|---|---|")
-    for m, t, auc, bacc in rows:
-        print(f"| {m} | {t:.0f} | {auc:.3f} | {bacc:.3f} |")
+    print("| method | pretrain time (s) | test AUC | balanced accuracy | feature rank (RankMe) |")
+    print("|---|---|---|---|---|")
+    for m, t, auc, bacc, rank in rows:
+        print(f"| {m} | {t:.0f} | {auc:.3f} | {bacc:.3f} | {rank:.1f} |")
     return 0
 
 
