@@ -1,18 +1,22 @@
-"""Compare contrastive methods with the same budget on PneumoniaMNIST (../shared/data).
+"""Compare the pretraining methods with the same budget, against the untrained-encoder control, at few labels.
 
-For each method: pretrain on the train split without labels (configs/pretrain/medmnist28.yaml, same epochs), then a
-linear probe on 10% of the train labels (validation labels at the same budget), tested on the official test split.
-SupCon uses the labels of the same 10% subset only (label -1 elsewhere).
+For each method: pretrain on the scans of the non-test splits without labels (configs/pretrain/medmnist28.yaml, same
+epochs for every method), then medcl's few-label protocol (`medcl evaluate`, the linear head): 5 seeds x label budgets
+(a fixed 20 labels, 1% and 10% by default), each seed one stratified labeled subset, the official test split only ever
+predicted. The control is evaluate's own: the same network with random weights and the same head on the same subsets,
+so every gain is paired by seed and has a 95% t-interval. SupCon pretrains with the labels of a 10% train subset
+(seed 0), so its few-label rows saw more labels than their budget: they are marked.
 
 Every method runs with its own defaults (heads, temperature: medcl.methods.HEADS/TEMPERATURES) and the recipe's
-learning rate; MAE pretrains the `vit` encoder (patch 4), so its control is a random-init ViT. The first rows are the
-controls: the same encoder with random weights and the same probe on the same labels.
+learning rate; MAE pretrains the `vit` encoder (patch 4), so its control is a random-init ViT.
 
-Usage:  python benchmarks/methods.py [--epochs 10] [--methods simclr byol ...] [--data path.npz]
+Usage:  python benchmarks/methods.py [--epochs 2] [--methods simclr byol ...] [--seeds 5]
+        [--data path.npz --positive 1,2,3,4]   (any labeled .npz; RetinaMNIST: grades 1-4 vs 0)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -27,7 +31,7 @@ ALL = ["simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "sim
 ENCODER = {"mae": ["encoder.name=vit", "encoder.patch_size=4"]}  # MAE masks patch tokens: a ViT
 
 
-def feature_rank(checkpoint, data, cfg) -> float:
+def feature_rank(checkpoint, data, cfg, positive=None) -> float:
     """Effective rank (RankMe, Garrido et al. 2023) of the encoder's features on the test split: how many directions
     the features spread over. A random network spreads widely; a method that squeezes them loses what a probe reads."""
     import numpy as np
@@ -38,7 +42,7 @@ def feature_rank(checkpoint, data, cfg) -> float:
     from medcl.runtime import encode
 
     enc, settings, _ = load_encoder_or_scratch(checkpoint, cfg)
-    ld = load_labeled(data, None, settings, progress=False, log=lambda *x: None)
+    ld = load_labeled(data, None, settings, positive, progress=False, log=lambda *x: None)
     test = np.flatnonzero(ld.split == "test")
     f = encode(enc, ld.scans.batch(test), torch.device("cpu"))
     return collapse_metrics(torch.as_tensor(f))["rankme"]
@@ -53,59 +57,80 @@ def main():
     from medcl.config import load_config, parse_set
     from medcl.data.discover import open_npz
     from medcl.data.labels import labels_from_records, select_budget
-    from medcl.finetune import finetune
+    from medcl.evaluate import evaluate, gains_over_best_control, summarize
     from medcl.train import pretrain
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(NPZ))
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--positive", default=None, help="classes counted as positive (e.g. 1,2,3,4 for RetinaMNIST)")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--methods", nargs="*", default=ALL)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--per-class", type=int, nargs="*", default=[10])
+    ap.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1])
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="work folder; finished pretraining runs in it are reused")
     a = ap.parse_args()
     if not Path(a.data).is_file():
         print(f"skipped: {a.data} not found")
         return 0
     out = Path(a.out or tempfile.mkdtemp(prefix="medcl_methods_"))
-    # SupCon's labels: the same 10% train subset the probe uses (seed 0), never val/test
+    # SupCon's labels: a 10% train subset (seed 0), never val/test
     recs = open_npz(Path(a.data)).records
-    table = labels_from_records(recs)
+    table = labels_from_records(recs, positive=a.positive)
     y = table.y()
     train_rows = np.flatnonzero(np.array(table.splits) == "train")
     keep = set(select_budget(y, train_rows, 0.1, seed=0).tolist())
     table.splits = [s if (s != "train" or i in keep) else "test" for i, s in enumerate(table.splits)]  # hide the rest
-    rows = []
+    budgets = [("per_class", k) for k in a.per_class] + [("fraction", f) for f in a.fractions]
     recipe = ROOT / "configs" / "pretrain" / "medmnist28.yaml"
-    controls = [("control: random-init resnet18 x0.5", [])] + ([("control: random-init vit", ENCODER["mae"])]
-                                                               if "mae" in a.methods else [])
-    for label, extra in controls:  # the best control of the brief: random weights, the same probe and labels
-        cfg = load_config(recipe, parse_set(a.set + extra))
-        met = finetune("none", a.data, None, out / f"control_{len(rows)}", label_fraction=0.1, mode="probe", seed=0,
-                       cfg=cfg, progress=False, log=lambda *x: None)
-        rank = feature_rank("none", a.data, cfg)
-        rows.append((label, 0.0, met["test"]["auc"], met["test"]["balanced_accuracy"], rank))
-        print(f"  {label}: probe AUC {met['test']['auc']:.3f}, feature rank {rank:.1f}", flush=True)
+    rows, controls = [], {}
+    times = json.loads((out / "pretrain_seconds.json").read_text()) if (out / "pretrain_seconds.json").is_file() else {}
     for m in a.methods:
         cfg = load_config(recipe, parse_set(a.set + ENCODER.get(m, []) + [f"method.name={m}"]))
         cfg.train.epochs = a.epochs
-        t0 = time.perf_counter()
-        pretrain(a.data, out / m, cfg, labels=table if m == "supcon" else None, progress=False, log=lambda *x: None)
-        t_pre = time.perf_counter() - t0
-        met = finetune(out / m, a.data, None, out / f"{m}_probe", label_fraction=0.1, mode="probe", seed=0,
-                       progress=False, log=lambda *x: None)
-        rank = feature_rank(out / m, a.data, cfg)
-        rows.append((m, t_pre, met["test"]["auc"], met["test"]["balanced_accuracy"], rank))
-        print(f"  {m}: pretrain {t_pre:.0f}s, probe AUC {met['test']['auc']:.3f}, feature rank {rank:.1f}", flush=True)
+        if (out / m / "encoder.pt").is_file():  # a finished run in --out from an interrupted benchmark: reuse it
+            t_pre = times.get(m, float("nan"))
+        else:
+            t0 = time.perf_counter()
+            pretrain(a.data, out / m, cfg, labels=table if m == "supcon" else None, progress=False,
+                     log=lambda *x: None)
+            t_pre = times[m] = time.perf_counter() - t0
+            (out / "pretrain_seconds.json").write_text(json.dumps(times))
+        ev = evaluate(out / m, a.data, None, out / f"{m}_eval", fractions=a.fractions, per_class=a.per_class,
+                      seeds=a.seeds, heads=("linear",), baseline="none", positive=a.positive, progress=False,
+                      log=lambda *x: None, overwrite=True)
+        rank = feature_rank(out / m, a.data, cfg, a.positive)
+        # with one head and no scratch run, evaluate's "best pretrained vs best control" is pretrained/linear vs
+        # random-init/linear on the same subsets, paired by seed
+        gain = {(g["budget_kind"], g["budget"]): g for g in gains_over_best_control(ev, summarize(ev))}
+        cells = {b: (gain[b]["best_auc"], gain[b]["control_auc"], gain[b]["gain_mean"], gain[b]["gain_ci95"])
+                 for b in budgets}
+        n_lab = {b: int(round(gain[b]["n_labeled"])) for b in budgets}
+        enc = f"{cfg.encoder.name}" + ("" if m not in ENCODER else f" (patch {cfg.encoder.patch_size})")
+        controls.setdefault(enc, {b: cells[b][1] for b in budgets})
+        rows.append((m, enc, t_pre, cells, rank))
+        print(f"  {m}: pretrain {t_pre:.0f} s, feature rank {rank:.1f}; " + "; ".join(
+            f"{n_lab[b]} labels AUC {c[0]:.3f} vs control {c[1]:.3f} ({c[2]:+.3f} ± {c[3]:.3f})"
+            for b, c in cells.items()), flush=True)
     import torch
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\nPneumoniaMNIST, {a.epochs} pretraining epochs each ({cfg.encoder.name} x{cfg.encoder.widen_factor}, "
-          f"{cfg.data.size} px, batch {cfg.train.batch_size}) on {where}; linear probe with 10% of train labels; "
-          "official test split (624)")
-    print("| method | pretrain time (s) | test AUC | balanced accuracy | feature rank (RankMe) |")
-    print("|---|---|---|---|---|")
-    for m, t, auc, bacc, rank in rows:
-        print(f"| {m} | {t:.0f} | {auc:.3f} | {bacc:.3f} | {rank:.1f} |")
+    names = [f"{n_lab[b]} labels ({100 * b[1]:g}%)" if b[0] == "fraction" else f"{n_lab[b]} labels ({b[1]}/class)"
+             for b in budgets]
+    print(f"\n{Path(a.data).name}, {a.epochs} pretraining epochs each ({cfg.data.size} px, batch "
+          f"{cfg.train.batch_size}) on {where}; linear probe, {a.seeds} seeds (labeled subsets) per budget, "
+          "official test split; cells: test AUC, and the gain over the random-init control paired by seed "
+          "[95% t-interval]")
+    print("| method | pretrain time (s) | " + " | ".join(names) + " | feature rank |")
+    print("|---|---|" + "---|" * len(names) + "---|")
+    for enc, ctrl in controls.items():
+        print(f"| control: random-init {enc} | 0 | " + " | ".join(f"{ctrl[b]:.3f}" for b in budgets) + " | |")
+    for m, enc, t, cells, rank in rows:
+        mark = " (pretrained with 10% labels)" if m == "supcon" else ""
+        print(f"| {m}{mark} | " + (f"{t:.0f}" if t == t else "reused") + " | " + " | ".join(
+            f"{c[0]:.3f} ({c[2]:+.3f} [{c[2] - c[3]:+.3f}, {c[2] + c[3]:+.3f}])" for c in cells.values()) +
+            f" | {rank:.1f} |")
     return 0
 
 
