@@ -31,21 +31,52 @@ ALL = ["simclr", "supcon", "pair", "triplet", "moco_v2", "moco_v3", "byol", "sim
 ENCODER = {"mae": ["encoder.name=vit", "encoder.patch_size=4"]}  # MAE masks patch tokens: a ViT
 
 
-def feature_rank(checkpoint, data, cfg, positive=None) -> float:
-    """Effective rank (RankMe, Garrido et al. 2023) of the encoder's features on the test split: how many directions
-    the features spread over. A random network spreads widely; a method that squeezes them loses what a probe reads."""
+def feature_geometry(checkpoint, data, cfg, positive=None) -> dict:
+    """Where the encoder puts its feature variance, and whether the label lives there.
+    - rank: RankMe (Garrido et al. 2023) of the L2-normalised features on the test split, as the collapse monitor
+      computes it (singular values, not their squares, of uncentred features: a lenient measure);
+    - top2_var: the share of the centred variance of the non-test features in their first two principal directions;
+    - top2_auc: test AUC of a logistic regression on those two directions, fitted with every non-test label (a
+      diagnostic of the geometry, not a few-label result): does the dominant variance carry the diagnosis?"""
     import numpy as np
     import torch
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
 
     from medcl.finetune import load_encoder_or_scratch, load_labeled
+    from medcl.metrics import score
     from medcl.monitors import collapse_metrics
     from medcl.runtime import encode
 
     enc, settings, _ = load_encoder_or_scratch(checkpoint, cfg)
     ld = load_labeled(data, None, settings, positive, progress=False, log=lambda *x: None)
-    test = np.flatnonzero(ld.split == "test")
-    f = encode(enc, ld.scans.batch(test), torch.device("cpu"))
-    return collapse_metrics(torch.as_tensor(f))["rankme"]
+    f = encode(enc, ld.scans, torch.device("cpu"))
+    test = ld.split == "test"
+    pca = PCA(2, random_state=0).fit(f[~test])
+    z = pca.transform(f)
+    clf = LogisticRegression(class_weight="balanced", max_iter=3000).fit(z[~test], ld.y[~test])
+    return {"rank": collapse_metrics(torch.as_tensor(f[test]))["rankme"],
+            "top2_var": float(pca.explained_variance_ratio_.sum()),
+            "top2_auc": score(ld.y[test], clf.predict_proba(z[test]))["auc"]}
+
+
+def geometry_text(g) -> str:
+    return f"feature rank {g['rank']:.1f}, top-2 PCs {g['top2_var']:.0%} of the variance, AUC {g['top2_auc']:.3f}"
+
+
+def read_results(path: Path) -> list:
+    """results.csv of a finished `evaluate`, with the types evaluate gave them (to rebuild its summary)."""
+    import csv
+
+    ints, texts = {"seed", "n_labeled", "n_unlabeled", "n_test", "classes_labeled"}, {"budget_kind", "selection",
+                                                                                        "subset", "encoder", "head"}
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            r = {k: (v if k in texts else int(v) if k in ints else float(v)) for k, v in r.items() if v != ""}
+            r["budget"] = int(r["budget"]) if r["budget_kind"] == "per_class" else r["budget"]
+            rows.append(r)
+    return rows
 
 
 def main():
@@ -84,7 +115,7 @@ def main():
     table.splits = [s if (s != "train" or i in keep) else "test" for i, s in enumerate(table.splits)]  # hide the rest
     budgets = [("per_class", k) for k in a.per_class] + [("fraction", f) for f in a.fractions]
     recipe = ROOT / "configs" / "pretrain" / "medmnist28.yaml"
-    rows, controls = [], {}
+    rows, controls = [], {}  # controls: encoder -> (AUC per budget, feature geometry)
     times = json.loads((out / "pretrain_seconds.json").read_text()) if (out / "pretrain_seconds.json").is_file() else {}
     for m in a.methods:
         cfg = load_config(recipe, parse_set(a.set + ENCODER.get(m, []) + [f"method.name={m}"]))
@@ -97,10 +128,12 @@ def main():
                      log=lambda *x: None)
             t_pre = times[m] = time.perf_counter() - t0
             (out / "pretrain_seconds.json").write_text(json.dumps(times))
-        ev = evaluate(out / m, a.data, None, out / f"{m}_eval", fractions=a.fractions, per_class=a.per_class,
-                      seeds=a.seeds, heads=("linear",), baseline="none", positive=a.positive, progress=False,
-                      log=lambda *x: None, overwrite=True)
-        rank = feature_rank(out / m, a.data, cfg, a.positive)
+        done = out / f"{m}_eval" / "results.csv"
+        ev = read_results(done) if done.is_file() else evaluate(
+            out / m, a.data, None, out / f"{m}_eval", fractions=a.fractions, per_class=a.per_class, seeds=a.seeds,
+            heads=("linear",), baseline="none", positive=a.positive, progress=False, log=lambda *x: None,
+            overwrite=True)
+        geo = feature_geometry(out / m, a.data, cfg, a.positive)
         # with one head and no scratch run, evaluate's "best pretrained vs best control" is pretrained/linear vs
         # random-init/linear on the same subsets, paired by seed
         gain = {(g["budget_kind"], g["budget"]): g for g in gains_over_best_control(ev, summarize(ev))}
@@ -108,9 +141,10 @@ def main():
                  for b in budgets}
         n_lab = {b: int(round(gain[b]["n_labeled"])) for b in budgets}
         enc = f"{cfg.encoder.name}" + ("" if m not in ENCODER else f" (patch {cfg.encoder.patch_size})")
-        controls.setdefault(enc, {b: cells[b][1] for b in budgets})
-        rows.append((m, enc, t_pre, cells, rank))
-        print(f"  {m}: pretrain {t_pre:.0f} s, feature rank {rank:.1f}; " + "; ".join(
+        if enc not in controls:
+            controls[enc] = ({b: cells[b][1] for b in budgets}, feature_geometry("none", a.data, cfg, a.positive))
+        rows.append((m, enc, t_pre, cells, geo))
+        print(f"  {m}: pretrain {t_pre:.0f} s, {geometry_text(geo)}; " + "; ".join(
             f"{n_lab[b]} labels AUC {c[0]:.3f} vs control {c[1]:.3f} ({c[2]:+.3f} ± {c[3]:.3f})"
             for b, c in cells.items()), flush=True)
     import torch
@@ -122,15 +156,16 @@ def main():
           f"{cfg.train.batch_size}) on {where}; linear probe, {a.seeds} seeds (labeled subsets) per budget, "
           "official test split; cells: test AUC, and the gain over the random-init control paired by seed "
           "[95% t-interval]")
-    print("| method | pretrain time (s) | " + " | ".join(names) + " | feature rank |")
-    print("|---|---|" + "---|" * len(names) + "---|")
-    for enc, ctrl in controls.items():
-        print(f"| control: random-init {enc} | 0 | " + " | ".join(f"{ctrl[b]:.3f}" for b in budgets) + " | |")
-    for m, enc, t, cells, rank in rows:
+    print("| method | pretrain time (s) | " + " | ".join(names) + " | feature rank | top-2 PCs: variance, AUC |")
+    print("|---|---|" + "---|" * len(names) + "---|---|")
+    for enc, (ctrl, geo) in controls.items():
+        print(f"| control: random-init {enc} | 0 | " + " | ".join(f"{ctrl[b]:.3f}" for b in budgets) +
+              f" | {geo['rank']:.1f} | {geo['top2_var']:.2f}, {geo['top2_auc']:.3f} |")
+    for m, enc, t, cells, geo in rows:
         mark = " (pretrained with 10% labels)" if m == "supcon" else ""
         print(f"| {m}{mark} | " + (f"{t:.0f}" if t == t else "reused") + " | " + " | ".join(
             f"{c[0]:.3f} ({c[2]:+.3f} [{c[2] - c[3]:+.3f}, {c[2] + c[3]:+.3f}])" for c in cells.values()) +
-            f" | {rank:.1f} |")
+            f" | {geo['rank']:.1f} | {geo['top2_var']:.2f}, {geo['top2_auc']:.3f} |")
     return 0
 
 
