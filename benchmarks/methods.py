@@ -12,6 +12,7 @@ learning rate; MAE pretrains the `vit` encoder (patch 4), so its control is a ra
 
 Usage:  python benchmarks/methods.py [--epochs 2] [--methods simclr byol ...] [--seeds 5]
         [--data path.npz --positive 1,2,3,4]   (any labeled .npz; RetinaMNIST: grades 1-4 vs 0)
+The recipe reads scans as grayscale: add `--set data.channels=3` for a colour set such as RetinaMNIST.
 """
 from __future__ import annotations
 
