@@ -1,6 +1,6 @@
 """Compare the pretraining methods with the same budget, against the untrained-encoder control, at few labels.
 
-For each method: pretrain on the scans of the non-test splits without labels (configs/pretrain/medmnist28.yaml, same
+For each method: pretrain on the train split without labels (configs/pretrain/medmnist28.yaml: npz_split train; same
 epochs for every method), then medcl's few-label protocol (`medcl evaluate`, the linear head): 5 seeds x label budgets
 (a fixed 20 labels, 1% and 10% by default), each seed one stratified labeled subset, the official test split only ever
 predicted. The control is evaluate's own: the same network with random weights and the same head on the same subsets,
