@@ -1,23 +1,20 @@
-"""End-to-end: the real `medcl` command in a subprocess, 2D and 3D, on tiny synthetic data."""
+"""End-to-end: the real `medcl` command line (its `main()`, in this process unless a test needs its own), 2D and 3D,
+on tiny synthetic data."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import medcl as run_medcl
+
 TINY = ["--set", "encoder.name=resnet10", "--set", "encoder.widen_factor=0.125", "--set", "train.log_every=1",
         "--set", "train.monitor_every=1"]
 
 
-def medcl(*args, check=True):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "medcl", "--quiet", *map(str, args)], capture_output=True, text=True,
-                       env=env, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"medcl {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
+def medcl(*args, check=True, **kw):
+    return run_medcl("--quiet", *args, check=check, **kw)
 
 
 def tags(logdir):
@@ -126,23 +123,17 @@ def test_an_explicit_multiclass_task_writes_valid_json(tmp_path, phantoms2d):
 
 @pytest.mark.slow
 def test_progress_lines_with_eta_when_not_on_a_terminal(tmp_path, phantoms2d):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop("MEDCL_PROGRESS", None)
-    base = [sys.executable, "-m", "medcl", "finetune", "--checkpoint", "none", "--mode", "finetune", "--data",
-            phantoms2d, "--labels", phantoms2d / "labels.csv", "--labels-per-class", 4, "--epochs", 2,
-            "--set", "data.size=16", *TINY]
-    r = subprocess.run([*map(str, base), "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
+    base = ["finetune", "--checkpoint", "none", "--mode", "finetune", "--data", phantoms2d, "--labels",
+            phantoms2d / "labels.csv", "--labels-per-class", 4, "--epochs", 2, "--set", "data.size=16", *TINY]
+    # captured stderr is not a terminal, as in a log file
+    r = run_medcl(*base, "--out", tmp_path / "a", env={"MEDCL_PROGRESS": None})
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("fine-tune epoch")]
     assert lines[0].startswith("fine-tune epoch: 1/2") and "elapsed" in lines[0] and "ETA" in lines[0]
     assert "\r" not in r.stderr  # no bar redraws in a log file
-    r = subprocess.run([*map(str, base), "--out", str(tmp_path / "b")], capture_output=True, text=True,
-                       env=dict(env, MEDCL_PROGRESS="off"))
-    assert r.returncode == 0 and "fine-tune epoch" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "medcl", "pretrain", str(phantoms2d), "--out", str(tmp_path / "p"),
-                        "--epochs", "2", "--batch-size", "8", "--set", "data.size=16", *map(str, TINY)],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
+    r = run_medcl(*base, "--out", tmp_path / "b", env={"MEDCL_PROGRESS": "off"})
+    assert "fine-tune epoch" not in r.stderr
+    r = run_medcl("pretrain", phantoms2d, "--out", tmp_path / "p", "--epochs", 2, "--batch-size", 8,
+                  "--set", "data.size=16", *TINY, env={"MEDCL_PROGRESS": None})
     assert "estimated time: about" in r.stdout
     assert "views, and the engine each transform runs in:" in r.stdout and "RandGaussianSmooth: batched" in r.stdout
     assert [ln for ln in r.stdout.splitlines() if ln.startswith("epoch 1/2: loss") and "ETA" in ln]

@@ -13,7 +13,7 @@ from medcl.methods import METHODS, build_method
 from medcl.monitors import collapse_metrics, is_collapsed
 from medcl.train import pretrain
 from medcl.views import BatchedViews
-from conftest import shared
+from conftest import medcl, shared
 
 TINY = {"encoder": {"name": "resnet10", "widen_factor": 0.125}, "method": {"proj_hidden": 64, "proj_dim": 32,
                                                                            "pred_hidden": 64, "queue_size": 256}}
@@ -156,9 +156,6 @@ def test_neighbor_pairing_picks_nearby_slices():
 
 @pytest.mark.slow
 def test_pair_loss_from_a_pairs_csv(tmp_path, phantoms2d):
-    import subprocess
-    import sys
-
     rows = list(csv.DictReader(open(phantoms2d / "labels.csv")))
     by_p = {}
     for r in rows:
@@ -171,11 +168,9 @@ def test_pair_loss_from_a_pairs_csv(tmp_path, phantoms2d):
         for i, p in enumerate(pats):  # same patient: similar; next patient: dissimilar
             w.writerow([by_p[p][0], by_p[p][1], 1])
             w.writerow([by_p[p][0], by_p[pats[(i + 1) % len(pats)]][0], 0])
-    r = subprocess.run([sys.executable, "-m", "medcl", "--quiet", "pretrain", str(phantoms2d), "--out", str(tmp_path / "run"),
-                        "--pairs", str(pairs), "--set", "method.name=pair", "--set", "encoder.name=resnet10",
-                        "--set", "encoder.widen_factor=0.125", "--set", "data.size=16", "--epochs", "2",
-                        "--batch-size", "8"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    r = medcl("--quiet", "pretrain", phantoms2d, "--out", tmp_path / "run", "--pairs", pairs, "--set",
+              "method.name=pair", "--set", "encoder.name=resnet10", "--set", "encoder.widen_factor=0.125", "--set",
+              "data.size=16", "--epochs", 2, "--batch-size", 8)
     assert "6 steps" in r.stdout  # 48 pairs / batch 8: the epoch runs over the CSV's pairs
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 13
 

@@ -16,17 +16,14 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from medcl.encoders import atomic_save, load_encoder, safe_load
 from medcl.errors import CheckpointError, MedclError, TrainingDiverged
 
+from conftest import medcl as run_medcl
+
 TINY = ["--set", "encoder.name=resnet10", "--set", "encoder.widen_factor=0.125", "--set", "data.size=24",
         "--batch-size", "8"]
 
 
 def medcl(*args, check=True, **kw):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "medcl", "--quiet", *map(str, args)], capture_output=True, text=True,
-                       env=env, timeout=600, **kw)
-    if check and r.returncode:
-        raise AssertionError(r.stdout + r.stderr)
-    return r
+    return run_medcl("--quiet", *args, check=check, **kw)
 
 
 def losses(run):
@@ -37,7 +34,7 @@ def losses(run):
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, phantoms2d):
     args = ["pretrain", phantoms2d, "--epochs", 2, "--set", "train.checkpoint_every=1", *TINY]
-    medcl(*args, "--out", tmp_path / "full")
+    medcl(*args, "--out", tmp_path / "full", in_process=False)  # every run of the comparison: its own process
     full = losses(tmp_path / "full")
     assert len(full) == 12  # 48 scans / batch 8 = 6 steps x 2 epochs
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
@@ -53,7 +50,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, phantoms2d):
     p.wait()
     ck = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < ck["global_step"] < 12
-    medcl("pretrain", phantoms2d, "--out", tmp_path / "cut", "--resume")  # the saved config rules
+    medcl("pretrain", phantoms2d, "--out", tmp_path / "cut", "--resume", in_process=False)  # the saved config rules
     resumed = losses(tmp_path / "cut")
     assert [s for s, _ in resumed] == list(range(1, 13))
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in full], rtol=1e-6)

@@ -1,26 +1,15 @@
 """Resume as users type it, never on other data; a step that would not fit in memory is lowered or refused."""
 import hashlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
+from conftest import medcl
 from medcl.errors import MedclError
 
 TINY = ["--set", "encoder.name=resnet10", "--set", "encoder.widen_factor=0.125", "--set", "data.size=16",
         "--batch-size", "8"]
-
-
-def medcl(*args, check=True, env=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
-    r = subprocess.run([sys.executable, "-m", "medcl", *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    if check and r.returncode:
-        raise AssertionError(r.stdout + r.stderr)
-    return r
 
 
 def digest(*paths):
