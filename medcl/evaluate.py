@@ -181,21 +181,38 @@ def gains_over_best_control(rows, summary) -> list:
                     "best": f"{best['encoder']}/{best['head']}", "best_auc": best["auc_mean"],
                     "control": f"{rival['encoder']}/{rival['head']}", "control_auc": rival["auc_mean"],
                     "gain_mean": mean, "gain_sd": sd, "gain_ci95": half, "n_seeds": len(diffs)})
+        out[-1]["verdict"] = gain_verdict(out[-1])
     return out
+
+
+def gain_verdict(g) -> str:
+    """The gain in words, from its interval rather than its mean: what a reader of summary.md should take away."""
+    if g["n_seeds"] < 3 or not np.isfinite(g["gain_ci95"]):
+        return "too few seeds to tell"
+    low, high = g["gain_mean"] - g["gain_ci95"], g["gain_mean"] + g["gain_ci95"]
+    if low > 0:
+        return "pretraining helps"
+    if high < 0:
+        return "the control is better"
+    return "no clear difference"
 
 
 def gain_markdown(gain) -> str:
     lines = ["## Gain over the best control", "",
              "Best pretrained head minus the best control (random-init encoder with the same heads, or the network "
-             "trained from scratch), AUC, paired by seed: mean [95% t-interval]; † fewer than 3 seeds.", "",
-             "| budget | labels | best pretrained | AUC | best control | AUC | gain |", "|---|---|---|---|---|---|---|"]
+             "trained from scratch), AUC, paired by seed: mean [95% t-interval]; † fewer than 3 seeds. The verdict "
+             "reads the interval: above 0, pretraining helps; below 0, the control is better; across 0, no clear "
+             "difference at this many seeds.", "",
+             "| budget | labels | best pretrained | AUC | best control | AUC | gain | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for g in gain:
         b = _budget_text(g["budget_kind"], g["budget"]) + (f" ({g['selection']})" if g["selection"] != "stratified"
                                                             else "")
         iv = (f" [{g['gain_mean'] - g['gain_ci95']:+.3f} to {g['gain_mean'] + g['gain_ci95']:+.3f}]"
               if np.isfinite(g["gain_ci95"]) else "")
         lines.append(f"| {b} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | {g['control']} | "
-                     f"{g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv}{' †' if g['n_seeds'] < 3 else ''} |")
+                     f"{g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv}{' †' if g['n_seeds'] < 3 else ''} | "
+                     f"{g['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,6 +114,19 @@ def test_a_collapsed_encoder_shows_no_gain_over_the_control(tmp_path, phantoms2d
              seeds=3, heads=("linear",), baseline="none", positive="diseased", progress=False, log=lambda *a: None)
     gain = json.loads((tmp_path / "ev" / "protocol.json").read_text())["gain_over_best_control"]
     assert len(gain) == 1 and gain[0]["control"] == "random-init/linear" and gain[0]["gain_mean"] <= 0
+    assert gain[0]["verdict"] in ("the control is better", "no clear difference")
+    assert gain[0]["verdict"] in (tmp_path / "ev" / "summary.md").read_text()
+
+
+def test_the_gain_verdict_reads_the_interval_not_the_mean():
+    from medcl.evaluate import gain_verdict
+
+    g = {"n_seeds": 5, "gain_ci95": 0.01}
+    assert gain_verdict({**g, "gain_mean": 0.02}) == "pretraining helps"
+    assert gain_verdict({**g, "gain_mean": 0.005}) == "no clear difference"  # positive mean, interval across 0
+    assert gain_verdict({**g, "gain_mean": -0.02}) == "the control is better"
+    assert gain_verdict({"n_seeds": 2, "gain_ci95": 0.01, "gain_mean": 0.5}) == "too few seeds to tell"
+    assert gain_verdict({"n_seeds": 5, "gain_ci95": float("nan"), "gain_mean": 0.5}) == "too few seeds to tell"
 
 
 @pytest.mark.parametrize("head", ["linear", "knn", "mlp", "spread", "selftrain"])
