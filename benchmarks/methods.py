@@ -12,6 +12,7 @@ learning rate; MAE pretrains the `vit` encoder (patch 4), so its control is a ra
 
 Usage:  python benchmarks/methods.py [--epochs 2] [--methods simclr byol ...] [--seeds 5]
         [--data path.npz --positive 1,2,3,4]   (any labeled .npz; RetinaMNIST: grades 1-4 vs 0)
+        python benchmarks/methods.py --data path.npz --geometry-of RUN [RUN ...]   (only the geometry columns)
 The recipe reads scans as grayscale: add `--set data.channels=3` for a colour set such as RetinaMNIST.
 """
 from __future__ import annotations
@@ -102,9 +103,18 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1])
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", default=None, help="work folder; finished pretraining runs in it are reused")
+    ap.add_argument("--geometry-of", nargs="*", default=None, metavar="RUN",
+                    help="only print the geometry columns of these pretraining runs (on --data) and of the same "
+                         "network at random weights, then stop")
     a = ap.parse_args()
     if not Path(a.data).is_file():
         print(f"skipped: {a.data} not found")
+        return 0
+    for run in a.geometry_of or []:  # any run, e.g. the suite's: does its dominant variance carry the label?
+        cfg = load_config(Path(run) / "config.yaml")
+        for name, ck in (("pretrained", run), ("random-init", "none")):
+            print(f"{run} {name}: {geometry_text(feature_geometry(ck, a.data, cfg, a.positive))}", flush=True)
+    if a.geometry_of is not None:
         return 0
     out = Path(a.out or tempfile.mkdtemp(prefix="medcl_methods_"))
     # SupCon's labels: a 10% train subset (seed 0), never val/test
