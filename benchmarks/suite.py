@@ -16,7 +16,8 @@ Usage:  python benchmarks/suite.py [--out runs/suite] [--datasets pneumoniamnist
         python benchmarks/suite.py --stage report        # tables and docs from the runs already in --out
 On our 2-core CPU, `--seeds 3 --finetune-max-labels 20 --epochs 15` took 21-46 minutes a dataset (pretraining +
 evaluation, with other jobs sharing the cores; docs/results.md); the network training rows are the slow part. The
-defaults (5 seeds, every budget) are meant for a GPU.
+defaults (5 seeds, every budget) are meant for a GPU. Run it again after an interruption, or with more --seeds: each
+evaluation continues (`medcl evaluate --resume`) and only what is missing runs.
 Datasets missing from ../shared/data are skipped with the reason.
 """
 from __future__ import annotations
@@ -107,15 +108,17 @@ def run_dataset(name, a) -> dict | None:
         return None
     ev = out / "eval"
     if a.stage == "all":
-        if ev.is_dir() and not (ev / "results.csv").is_file():  # an interrupted evaluation of this suite: start over
-            shutil.rmtree(ev)
-        args = ["evaluate", "--checkpoint", pre, "--data", data, "--out", ev, "--overwrite", "--seeds", a.seeds,
+        args = ["evaluate", "--checkpoint", pre, "--data", data, "--out", ev, "--seeds", a.seeds,
                 *BUDGETS, "--heads", *a.heads, "--epochs", a.epochs, *(["--labels", labels] if labels else []), *task,
                 *(["--finetune-max-labels", a.finetune_max_labels] if a.finetune_max_labels else [])]
-        timings["evaluate_s"] = medcl(args, out / "evaluate.log")
-        timings["evaluate_command"] = "medcl " + " ".join(map(str, args))
+        # an evaluation this suite started before (interrupted, or with fewer seeds) continues: finished rows are kept
+        resume = (ev / "settings.json").is_file()
+        seconds = medcl(args + ["--resume" if resume else "--overwrite"], out / "evaluate.log")
+        timings["evaluate_s"] = timings.get("evaluate_s", 0.0) + seconds if resume else seconds
+        timings["evaluate_runs"] = timings.get("evaluate_runs", 0) + 1 if resume else 1
+        timings["evaluate_command"] = "medcl " + " ".join(map(str, args + ["--overwrite"]))
         times_file.write_text(json.dumps(timings))
-        print(f"{name}: evaluated in {timings['evaluate_s'] / 60:.1f} min")
+        print(f"{name}: evaluated in {seconds / 60:.1f} min" + (" (resumed)" if resume else ""))
     if not (ev / "protocol.json").is_file():
         print(f"{name}: no evaluation in {ev} yet")
         return None
@@ -158,6 +161,16 @@ def sensitivity_spread(rows) -> str:
     return "; ".join(out)
 
 
+def resumed_text(r) -> str:
+    """An evaluation resumed after an interruption: its finished invocations' wall time misses the interrupted ones,
+    so the rows' own times (every head fit, excluding loading and encoding) are given as well."""
+    runs = r["timings"].get("evaluate_runs", 1)
+    if runs <= 1:
+        return ""
+    rows_min = sum(float(x["seconds"]) for x in r["rows"]) / 60
+    return f" over {runs} invocations (--resume; the rows' own fitting time: {rows_min:.1f} min)"
+
+
 def write_docs(results, machine, command, path: Path) -> None:
     figs = path.parent / "results"
     figs.mkdir(exist_ok=True)
@@ -177,7 +190,8 @@ def write_docs(results, machine, command, path: Path) -> None:
         parts += [f"## {r['name']}", "",
                   f"- pretraining: `{pre_cmd}`; {r['defaults']}",
                   f"- wall time: pretrain {t.get('pretrain_s', float('nan')) / 60:.1f} min, evaluate "
-                  f"{t.get('evaluate_s', float('nan')) / 60:.1f} min; `{t.get('evaluate_command', '')}`",
+                  f"{t.get('evaluate_s', float('nan')) / 60:.1f} min{resumed_text(r)}; "
+                  f"`{t.get('evaluate_command', '')}`",
                   f"- published fully supervised reference: {r['anchor']}",
                   f"- sensitivity at the chosen operating point, 1% labels, mean ± sd over seeds: "
                   f"{sensitivity_spread(r['rows'])}", "",

@@ -51,6 +51,8 @@ EPILOG_EVALUATE = """examples:
       --fractions 0.01 0.1 1.0 --seeds 5 --heads knn linear mlp --baseline finetune
   medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/sel --per-class 10 25 \\
       --selection typiclust random --heads linear --baseline none     # does choosing the scans pay?
+  medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/pm --resume --seeds 10
+      # after an interruption: runs only what is missing; here also seeds 5-9 for a finished 5-seed evaluation
 """
 
 
@@ -239,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "by side and summary.md compares each with random")
     _task_args(v)
     _selection_args(v)
+    v.add_argument("--resume", action="store_true",
+                   help="continue the evaluation in --out: every finished budget x seed is kept as it finishes, and "
+                        "only what is missing runs (also to add seeds, budgets or heads to a finished one); the "
+                        "encoder, data and settings must be the same")
     v.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     s = sub.add_parser("select", help="choose which scans to label first, from the pretrained embeddings",
@@ -400,6 +406,10 @@ def _check_path(path, what: str):
 
 def _preflight(a):
     """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
+    if getattr(a, "resume", False) and getattr(a, "overwrite", False):
+        from .runs import RESUME_OR_OVERWRITE
+
+        raise MedclError(RESUME_OR_OVERWRITE)
     for attr, what in (("data", "data"), ("labels", "labels file"), ("probe_labels", "labels file"),
 
                        ("pairs", "pairs file"), ("files", "--files list"), ("classifier", "classifier folder"),
@@ -541,7 +551,7 @@ def main(argv=None) -> int:
                      seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, operating_point=a.operating_point,
                      positive=a.positive, overwrite=a.overwrite, finetune_max_labels=a.finetune_max_labels,
                      progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a),
-                     selection=a.selection)
+                     selection=a.selection, resume=a.resume)
         elif a.command == "predict":
             from .predict import predict
 
@@ -562,7 +572,9 @@ def main(argv=None) -> int:
         print(f"medcl {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"medcl {a.command}: interrupted; a pretrain run continues with --resume", file=sys.stderr)
+        again = {"pretrain": "; the run continues with --resume",
+                 "evaluate": "; the finished budgets and seeds are kept: the same command with --resume runs the rest"}
+        print(f"medcl {a.command}: interrupted{again.get(a.command, '')}", file=sys.stderr)
         return 130
     return 0
 

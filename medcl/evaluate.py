@@ -6,11 +6,19 @@ head over the best control, paired by seed (the seed picks the labeled subset).
 
 Writes results.csv (one row per budget x seed x head x encoder), summary.md (mean +- sd and 95% CI over seeds, and the
 gain over the best control), learning_curve.png, and TensorBoard scalars + hparams.
+
+An evaluation is hours of CPU, so nothing finished is lost: every budget x seed is appended to runs.jsonl as soon as it
+is done, and `resume=True` reuses those rows (after checking that the encoder, the data and every setting that changes
+a number are the same, and that each seed drew the same labeled subset) and runs only what is missing. The same way, a
+finished evaluation grows: more seeds, another budget or head.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +36,8 @@ from .runtime import encode, pick_device, seed_everything
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 DEFAULT_HEADS = ("knn", "linear", "spread", "selftrain")
 METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+SETTINGS = "settings.json"  # what makes the numbers: a resume must match it
+RUNS = "runs.jsonl"  # every finished row, appended as it finishes: what a resume reuses
 
 
 def _budgets(fractions, per_class):
@@ -44,10 +54,10 @@ def _budgets(fractions, per_class):
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
              heads=DEFAULT_HEADS, baseline: str = "finetune", epochs: int = 30, operating_point: str = "youden",
              positive=None, overwrite=False, device="auto", finetune_max_labels: int | None = None, progress=True,
-             log=print, negative=None, multiclass=False, select=None, selection=None) -> list:
+             log=print, negative=None, multiclass=False, select=None, selection=None, resume: bool = False) -> list:
     """selection: None (stratified random subsets, the default), or label-blind strategies of medcl.select
     (typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
-    protocol and controls."""
+    protocol and controls. resume: continue the evaluation in `out` (see the module docstring)."""
     from .heads import FEATURE_HEADS, HEADS
     from .select import STRATEGIES
 
@@ -63,13 +73,20 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     bad = [s for s in selections if s is not None and s not in STRATEGIES]
     if bad:
         raise MedclError(f"--selection {' '.join(bad)}: unknown; choose from {', '.join(STRATEGIES)}")
-    out = prepare_out_dir(out, data, overwrite=overwrite, marker="results.csv")
+    out = prepare_out_dir(out, data, resume=resume, overwrite=overwrite, marker=SETTINGS if resume else "results.csv",
+                          resumable=True)
     t0 = time.perf_counter()
     dev = pick_device(device)
     encoder, extra = load_encoder(checkpoint)
     settings = extra.get("data", {})
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
                       negative=negative, multiclass=multiclass, select=select)
+    identity = _identity(checkpoint, encoder, data, labels, ld, epochs=epochs, operating_point=operating_point,
+                         positive=positive, negative=negative, multiclass=multiclass, select=select)
+    done = _resume_rows(out, identity, log) if resume else {}
+    if not resume:
+        write_json(out / SETTINGS, identity)
+        (out / RUNS).write_text("")
     write_splits(ld, out / "splits.csv")
     encoder = encoder.to(dev)
     log(f"encoding {len(ld.scans)} scans with the pretrained encoder, and with the same network at random weights "
@@ -83,7 +100,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     plan = [(b, sel, s) for b in budgets for sel in selections for s in range(seeds)]
     writer = tb.open_writer(out / "tb")
     inner = progress if progress_mode(progress) == "bar" else False  # lines mode: one line per run, not per epoch
-    t_runs = time.perf_counter()
+    t_runs, computed, reused, planned_keys = time.perf_counter(), 0, 0, set()
     for i, ((kind, value), sel, seed) in enumerate(plan, 1):
         lab, pool, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
                                     seed, selection=sel, features=feats)
@@ -96,7 +113,18 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                 [("random-init", h) for h in feature_heads])
         if baseline == "finetune" and train_net:
             runs.append(("scratch", "finetune"))
+        new_rows = []
         for enc_name, head in runs:
+            key = _row_key(kind, value, sel or "stratified", seed, enc_name, head)
+            planned_keys.add(key)
+            if key in done:
+                if done[key]["subset"] != subset:
+                    raise MedclError(f"--resume: {kind}={value} seed {seed} drew another labeled subset than the "
+                                     f"earlier run ({subset} vs {done[key]['subset']}), so its rows cannot be "
+                                     f"compared; start a new --out")
+                rows.append(done[key])
+                reused += 1
+                continue
             t1 = time.perf_counter()
             if enc_name == "scratch":
                 seed_everything(seed)
@@ -120,12 +148,21 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                 lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
                 row["auc_boot_lo"], row["auc_boot_hi"] = lo, hi
             rows.append(row)
+            new_rows.append(row)
             tag = f"{enc_name}_{head}" + (f"_{sel}" if sel else "")
             tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(lab),
                            f"eval_{kind}/{tag}/seed{seed}/")
+        _append_rows(out / RUNS, new_rows)
+        computed += bool(new_rows)
+        left = len(plan) - i  # items not reached yet; a resume may find some of them done
         log(f"[{i}/{len(plan)}] {kind}={value}{' ' + sel if sel else ''} seed={seed} ({len(lab)} labels): " +
             ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]) +
-            f" | {eta_text(i, len(plan), time.perf_counter() - t_runs)}")
+            (f" | {eta_text(computed, computed + left, time.perf_counter() - t_runs)}" if new_rows else
+             " | done in the earlier run"))
+    outside = [k for k in done if k not in planned_keys]
+    if outside:
+        log(f"note: {len(outside)} rows of the earlier run are outside this plan (other seeds, budgets or heads): kept "
+            f"in {out / RUNS}, left out of results.csv and summary.md")
     _write_csv(rows, out / "results.csv")
     summary = summarize(rows)
     gain = gains_over_best_control(rows, summary)
@@ -135,6 +172,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, operating_point) + "\n" +
                                     gain_markdown(gain) + selection_markdown(rows))
     learning_curve(summary, out / "learning_curve.png")
+    shutil.rmtree(out / "tb" / "hparams", ignore_errors=True)  # a resumed evaluation writes them afresh, not twice
     for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
         sel = "" if s["selection"] == "stratified" else f"_{s['selection']}"
         sub = tb.open_writer(out / "tb" / "hparams" /
@@ -149,7 +187,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                                        "heads": list(heads), "baseline": baseline, "operating_point": operating_point,
                                        "selection": [s or "stratified" for s in selections],
                                        "splits": ld.split_source, "gain_over_best_control": gain,
-                                       "seconds": round(time.perf_counter() - t0)})
+                                       "seconds": round(time.perf_counter() - t0),
+                                       "rows_reused": reused})
     log(summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=True))
     log(gain_markdown(gain) + selection_markdown(rows))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
@@ -157,6 +196,71 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
 
 
 CONTROLS = ("random-init", "scratch")
+
+
+def _row_key(kind, budget, selection, seed, encoder, head) -> tuple:
+    return kind, float(budget), selection, int(seed), encoder, head
+
+
+def _identity(checkpoint, encoder, data, labels, ld, **task) -> dict:
+    """Everything that changes a number of the protocol, so a resume never mixes rows of two different evaluations.
+    The encoder and the labeled data are fingerprinted by content, not by path: a pretrain re-run with --overwrite
+    in the same folder is another encoder."""
+    import torch
+
+    from . import __version__
+
+    h = hashlib.sha256()
+    for k, v in sorted(encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    d = hashlib.sha256()
+    d.update("\n".join(map(str, ld.table.keys)).encode())
+    d.update(np.asarray(ld.y, dtype=np.int64).tobytes())
+    d.update("\n".join(map(str, ld.split)).encode())
+    return {"medcl_version": __version__, "torch_version": torch.__version__, "checkpoint": str(checkpoint),
+            "encoder_sha256": h.hexdigest()[:16], "data": str(Path(data).resolve()),
+            "labels": str(Path(labels).resolve()) if labels else None, "labeled_data_sha256": d.hexdigest()[:16],
+            "n_scans": len(ld.y), **{k: v for k, v in task.items()}}
+
+
+def _resume_rows(out: Path, identity: dict, log) -> dict:
+    """The rows an earlier run of this evaluation finished, keyed by budget x selection x seed x encoder x head;
+    refuses when anything that changes a number differs."""
+    saved = json.loads((out / SETTINGS).read_text())
+    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
+    now = json.loads(json.dumps(identity))  # the same JSON types as the saved copy
+    differ = [k for k in now if k != "checkpoint" and saved.get(k) != now[k]]
+    if differ:
+        raise MedclError(f"--resume: {out} was evaluated with other settings (" +
+                         "; ".join(f"{k}: was {saved.get(k)!r}, now {now[k]!r}" for k in differ) +
+                         "), so its rows cannot be mixed with new ones. Resume with the same checkpoint, data and "
+                         "settings, or start a new --out.")
+    done, torn = {}, 0
+    path = out / RUNS
+    text = path.read_text() if path.is_file() else ""
+    if text and not text.endswith("\n"):  # end a torn last line, or the next row appended would be torn with it
+        with open(path, "a") as f:
+            f.write("\n")
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            torn += 1
+            continue
+        done[_row_key(r["budget_kind"], r["budget"], r["selection"], r["seed"], r["encoder"], r["head"])] = r
+    log(f"resuming {out}: {len(done)} finished rows reused" + (f" ({torn} torn lines skipped)" if torn else ""))
+    return done
+
+
+def _append_rows(path: Path, rows) -> None:
+    """Append finished rows and make them durable before going on: a kill loses at most the run in progress."""
+    if not rows:
+        return
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r, default=lambda o: o.item()) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def gains_over_best_control(rows, summary) -> list:

@@ -17,9 +17,16 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
-def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = False, marker: str = "config.yaml") -> Path:
-    """Create `out` for a new run, or check it for --resume. Raises RunDirError with what to do instead."""
+RESUME_OR_OVERWRITE = "--resume continues the run in --out and --overwrite replaces it: pass one of them"
+
+
+def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = False, marker: str = "config.yaml",
+                    resumable: bool | None = None) -> Path:
+    """Create `out` for a new run, or check it for --resume. Raises RunDirError with what to do instead.
+    resumable: whether the command has --resume to offer (default: pretrain runs, whose marker is config.yaml)."""
     out = Path(out)
+    if resume and overwrite:
+        raise RunDirError(RESUME_OR_OVERWRITE)
     if data is not None:
         d = Path(data)
         if not d.exists():
@@ -34,11 +41,12 @@ def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = Fals
         return out
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            again = "Pass --resume to continue that run, --overwrite to replace it" if marker == "config.yaml" else \
+            resumable = marker == "config.yaml" if resumable is None else resumable
+            again = "Pass --resume to continue that run, --overwrite to replace it" if resumable else \
                 "Pass --overwrite to replace it"
             raise RunDirError(f"{out} already exists and is not empty. {again}, or choose another --out.")
         if any((out / m).is_file() for m in ("config.yaml", "metrics.json", "embeddings.npz", "results.csv", "demo.json",
-                                         "to_label.csv", "predictions.csv", "views.png")):
+                                         "to_label.csv", "predictions.csv", "views.png", "runs.jsonl")):
             shutil.rmtree(out)
         else:
             raise RunDirError(f"--overwrite refused: {out} does not look like a medcl output folder; delete it yourself.")

@@ -10,7 +10,7 @@ from medcl.encoders import Encoder, export_encoder
 from medcl.evaluate import evaluate
 from medcl.finetune import budget_rows, load_labeled
 from medcl.metrics import bootstrap_ci, mean_ci, score
-from conftest import shared
+from conftest import medcl, shared
 
 
 def test_mean_ci_matches_direct_t_interval():
@@ -185,3 +185,72 @@ def test_operating_point_parsing_and_thresholds():
         for t in (0.5, 0.9, 1.0):
             assert binary_metrics(y, p, operating_threshold(y, p, "sensitivity", t))["sensitivity"] >= t
             assert binary_metrics(y, p, operating_threshold(y, p, "specificity", t))["specificity"] >= t
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_resumes_where_it_stopped_and_grows(tmp_path, phantoms2d):
+    """Every finished budget x seed survives a kill; --resume reruns nothing finished, gives the rows an uninterrupted
+    run gives, adds seeds to a finished evaluation, and refuses to mix rows of another encoder or other settings."""
+    from medcl.errors import MedclError, RunDirError
+
+    enc = _tiny_encoder(tmp_path, 2, 16)
+    kw = dict(per_class=[4, 6], heads=("knn", "linear"), baseline="none", positive="diseased", progress=False)
+    whole = evaluate(enc, phantoms2d, phantoms2d / "labels.csv", tmp_path / "whole", seeds=2, log=lambda *a: None, **kw)
+
+    def stop_after_first(msg):  # Ctrl-C right after the first budget x seed finished
+        if str(msg).startswith("[1/"):
+            raise KeyboardInterrupt
+
+    ev = tmp_path / "ev"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(enc, phantoms2d, phantoms2d / "labels.csv", ev, seeds=2, log=stop_after_first, **kw)
+    assert not (ev / "results.csv").exists() and len((ev / "runs.jsonl").read_text().splitlines()) == 4
+    with open(ev / "runs.jsonl", "a") as f:
+        f.write('{"budget_kind": "per_cl')  # a line torn by a kill while writing: skipped
+    with pytest.raises(RunDirError, match="--resume"):  # no silent overwrite of a half-done evaluation
+        evaluate(enc, phantoms2d, phantoms2d / "labels.csv", ev, seeds=2, log=lambda *a: None, **kw)
+
+    said = []
+    rows = evaluate(enc, phantoms2d, phantoms2d / "labels.csv", ev, seeds=2, resume=True, log=said.append, **kw)
+    assert any("4 finished rows reused (1 torn lines skipped)" in str(s) for s in said)
+    assert any("done in the earlier run" in str(s) for s in said)
+
+    def cells(rs):
+        return sorted((r["budget_kind"], r["budget"], r["seed"], r["encoder"], r["head"], r["subset"],
+                       round(r["auc"], 10)) for r in rs)
+
+    assert cells(rows) == cells(whole)  # the same numbers as the run that was never interrupted
+    assert json.loads((ev / "protocol.json").read_text())["rows_reused"] == 4
+    assert len(list(csv.DictReader(open(ev / "results.csv")))) == len(whole)
+
+    # a finished evaluation grows by a seed: only seed 2 runs
+    grown = evaluate(enc, phantoms2d, phantoms2d / "labels.csv", ev, seeds=3, resume=True, log=lambda *a: None, **kw)
+    assert {r["seed"] for r in grown} == {0, 1, 2} and len(grown) == len(whole) * 3 // 2
+    assert json.loads((ev / "protocol.json").read_text())["rows_reused"] == len(whole)
+    assert "3 seeds" in (ev / "summary.md").read_text() or "seeds: 3" in (ev / "summary.md").read_text()
+
+    with pytest.raises(MedclError, match="epochs: was 30, now 5"):
+        evaluate(enc, phantoms2d, phantoms2d / "labels.csv", ev, seeds=3, resume=True, epochs=5, log=lambda *a: None,
+                 **kw)
+    import torch
+
+    other = Encoder("resnet10", 2, 1, "small", 0.125)
+    other.load_state_dict(torch.load(enc, weights_only=True)["state_dict"])
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)  # the same network, one tensor nudged: another encoder
+    export_encoder(other, tmp_path / "other.pt", {"data": {"dims": 2, "size": 16, "channels": 1}})
+    with pytest.raises(MedclError, match="encoder_sha256"):
+        evaluate(tmp_path / "other.pt", phantoms2d, phantoms2d / "labels.csv", ev, seeds=3, resume=True,
+                 log=lambda *a: None, **kw)
+    with pytest.raises(RunDirError, match="no run to resume"):
+        evaluate(enc, phantoms2d, phantoms2d / "labels.csv", tmp_path / "never", seeds=1, resume=True,
+                 log=lambda *a: None, **kw)
+
+
+def test_resume_with_overwrite_is_a_one_line_error(tmp_path, phantoms2d):
+    _tiny_encoder(tmp_path, 2, 16)
+    for args in (["evaluate", "--checkpoint", tmp_path / "encoder.pt", "--data", phantoms2d],
+                 ["pretrain", phantoms2d]):
+        r = medcl(*args, "--out", tmp_path / "out", "--resume", "--overwrite", check=False)
+        assert r.returncode == 2 and "pass one of them" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
