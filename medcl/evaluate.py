@@ -82,7 +82,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
                       negative=negative, multiclass=multiclass, select=select)
     identity = _identity(checkpoint, encoder, data, labels, ld, epochs=epochs, operating_point=operating_point,
-                         positive=positive, negative=negative, multiclass=multiclass, select=select)
+                         positive=positive, negative=negative, multiclass=multiclass)
     done = _resume_rows(out, identity, log) if resume else {}
     if not resume:
         write_json(out / SETTINGS, identity)
@@ -205,7 +205,7 @@ def _row_key(kind, budget, selection, seed, encoder, head) -> tuple:
 def _identity(checkpoint, encoder, data, labels, ld, **task) -> dict:
     """Everything that changes a number of the protocol, so a resume never mixes rows of two different evaluations.
     The encoder and the labeled data are fingerprinted by content, not by path: a pretrain re-run with --overwrite
-    in the same folder is another encoder."""
+    in the same folder is another encoder; the scans' keys, labels and splits cover --include/--exclude/--files."""
     import torch
 
     from . import __version__
