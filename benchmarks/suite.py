@@ -14,10 +14,11 @@ Writes docs/results.md (tables, learning curves, the command and the wall time p
 Usage:  python benchmarks/suite.py [--out runs/suite] [--datasets pneumoniamnist retinamnist ...] [--seeds 5]
         python benchmarks/suite.py --stage pretrain      # only the pretraining runs (reused when complete)
         python benchmarks/suite.py --stage report        # tables and docs from the runs already in --out
-On our 2-core CPU, `--seeds 3 --finetune-max-labels 20 --epochs 15` took 21-46 minutes a dataset (pretraining +
-evaluation, with other jobs sharing the cores; docs/results.md); the network training rows are the slow part. The
-defaults (5 seeds, every budget) are meant for a GPU. Run it again after an interruption, or with more --seeds: each
-evaluation continues (`medcl evaluate --resume`) and only what is missing runs.
+On our 2-core CPU, the evaluation with `--seeds 5 --finetune-max-labels 60 --epochs 15` took 4.5-8.7 minutes a
+dataset on idle cores (pretraining: 6-25 minutes more; docs/results.md). The network-training rows at 10% are the slow
+part: about 5.5 minutes per row on PneumoniaMNIST (523 labels), so 55 minutes per dataset for 5 seeds. Run the script
+again after an interruption, with more --seeds or without --finetune-max-labels: each evaluation continues
+(`medcl evaluate --resume`) and only what is missing runs.
 Datasets missing from ../shared/data are skipped with the reason.
 """
 from __future__ import annotations
@@ -132,8 +133,9 @@ def run_dataset(name, a) -> dict | None:
 
 
 def gain_table(results) -> str:
-    lines = ["| dataset | budget | labels | best pretrained / semi-supervised | AUC | best control | AUC | gain [95% CI] | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | budget | labels | best pretrained / semi-supervised | AUC | best control | AUC | gain [95% CI] | "
+             "verdict | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    missing = False
     for r in results:
         for g in r["gain"]:
             b = f"{g['budget']:.0%}" if g["budget_kind"] == "fraction" else f"{g['budget'] * 2} labels"
@@ -143,8 +145,16 @@ def gain_table(results) -> str:
             met = "met" if g["gain_mean"] >= target else "not met"
             if met == "met" and ci == ci and g["gain_mean"] - ci <= 0:
                 met += " by the mean; the interval includes 0"
+            # the scratch network is a control only where the network-training rows ran (--finetune-max-labels)
+            scratch = any(x["encoder"] == "scratch" and x["budget_kind"] == g["budget_kind"]
+                          and float(x["budget"]) == float(g["budget"]) for x in r["rows"])
+            missing |= not scratch
             lines.append(f"| {r['name']} | {b} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | "
-                         f"{g['control']} | {g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv} | +{target:.2f}: {met} |")
+                         f"{g['control']}{'' if scratch else ' ‡'} | {g['control_auc']:.3f} | "
+                         f"{g['gain_mean']:+.3f}{iv} | {g.get('verdict', '')} | +{target:.2f}: {met} |")
+    if missing:
+        lines += ["", "‡ the network-training rows (pretrained `finetune`, the `scratch` control) were not run at this "
+                      "budget: the best control is the best random-init head."]
     return "\n".join(lines)
 
 
