@@ -221,14 +221,13 @@ def _identity(checkpoint, encoder, data, labels, ld, **task) -> dict:
     return {"medcl_version": __version__, "torch_version": torch.__version__, "checkpoint": str(checkpoint),
             "encoder_sha256": h.hexdigest()[:16], "data": str(Path(data).resolve()),
             "labels": str(Path(labels).resolve()) if labels else None, "labeled_data_sha256": d.hexdigest()[:16],
-            "n_scans": len(ld.y), **{k: v for k, v in task.items()}}
+            "n_scans": len(ld.y), **task}
 
 
 def _resume_rows(out: Path, identity: dict, log) -> dict:
     """The rows an earlier run of this evaluation finished, keyed by budget x selection x seed x encoder x head;
     refuses when anything that changes a number differs."""
     saved = json.loads((out / SETTINGS).read_text())
-    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
     now = json.loads(json.dumps(identity))  # the same JSON types as the saved copy
     differ = [k for k in now if k != "checkpoint" and saved.get(k) != now[k]]
     if differ:
