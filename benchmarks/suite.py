@@ -16,7 +16,8 @@ Usage:  python benchmarks/suite.py [--out runs/suite] [--datasets pneumoniamnist
         python benchmarks/suite.py --stage report        # tables and docs from the runs already in --out
 On our 2-core CPU, the evaluation with `--seeds 5 --finetune-max-labels 60 --epochs 15` took 4.5-8.7 minutes a
 dataset on idle cores (pretraining: 6-25 minutes more; docs/results.md). The network-training rows at 10% are the slow
-part: 310 s per row on average on PneumoniaMNIST (523 labels), 53 minutes for its 5 seeds. Run the script
+part: 310 s per row on average on PneumoniaMNIST (523 labels), 53 minutes for its 5 seeds; with every row, a dataset
+took 28 (ISIC) to about 80 minutes (PneumoniaMNIST), pretraining included. Run the script
 again after an interruption, with more --seeds or without --finetune-max-labels: each evaluation continues
 (`medcl evaluate --resume`) and only what is missing runs.
 Datasets missing from ../shared/data are skipped with the reason.
@@ -180,7 +181,8 @@ def resumed_text(r) -> str:
     if runs <= 1:
         return ""
     rows_min = sum(float(x["seconds"]) for x in r["rows"]) / 60
-    return f" over {runs} invocations (--resume; the rows' own fitting time: {rows_min:.1f} min)"
+    return (f" over {runs} finished invocations (--resume; an invocation killed before it finished is not counted; "
+            f"the rows' own fitting time, summed: {rows_min:.1f} min)")
 
 
 def write_docs(results, machine, command, path: Path) -> None:
