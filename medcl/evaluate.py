@@ -434,6 +434,9 @@ def learning_curve(summary, path: Path) -> None:
         ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}" + (f" / {sel}" if several else ""))
         ax.fill_between(x, np.clip(y - h, 0, 1), np.clip(y + h, 0, 1), alpha=0.15)
     ax.set_xscale("log")
+    counts = sorted({int(s["n_labeled"]) for s in summary})  # ticks at the budgets measured, read as plain counts
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
     ax.set(xlabel="labeled training scans", ylabel="test AUC", title="Few-label learning curve (95% CI over seeds)")
     ax.axhline(0.5, color="k", lw=0.6, ls=":")
     ax.legend(fontsize=8)
