@@ -18,6 +18,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 RESUME_OR_OVERWRITE = "--resume continues the run in --out and --overwrite replaces it: pass one of them"
+OUT_MARKER = ".medcl"  # in every folder medcl creates for a run
 
 
 def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = False, marker: str = "config.yaml",
@@ -45,12 +46,15 @@ def prepare_out_dir(out, data=None, resume: bool = False, overwrite: bool = Fals
             again = "Pass --resume to continue that run, --overwrite to replace it" if resumable else \
                 "Pass --overwrite to replace it"
             raise RunDirError(f"{out} already exists and is not empty. {again}, or choose another --out.")
-        if any((out / m).is_file() for m in ("config.yaml", "metrics.json", "embeddings.npz", "results.csv", "demo.json",
-                                         "to_label.csv", "predictions.csv", "views.png", "runs.jsonl")):
+        if any((out / m).is_file() for m in (OUT_MARKER, "config.yaml", "metrics.json", "embeddings.npz", "results.csv",
+                                         "demo.json", "to_label.csv", "predictions.csv", "views.png", "runs.jsonl")):
             shutil.rmtree(out)
         else:
             raise RunDirError(f"--overwrite refused: {out} does not look like a medcl output folder; delete it yourself.")
     out.mkdir(parents=True, exist_ok=True)
+    # written first, so that a run stopped before its first output (a Ctrl-C while the cache builds) is still known
+    # as medcl's, and --overwrite can replace it
+    (out / OUT_MARKER).write_text("written by medcl: this folder is a medcl output, which --overwrite may replace\n")
     return out
 
 

@@ -70,6 +70,26 @@ def test_existing_run_is_not_overwritten(tmp_path, phantoms2d):
     assert r.returncode == 2 and (other / "thesis.docx").read_text() == "precious"
 
 
+def test_a_run_stopped_before_its_first_output_can_be_overwritten(tmp_path, phantoms2d):
+    """A Ctrl-C while the cache builds leaves only cache files: --overwrite must still know the folder is medcl's
+    (its marker), while a folder medcl did not create stays refused."""
+    from medcl.errors import RunDirError
+    from medcl.runs import prepare_out_dir
+
+    out = prepare_out_dir(tmp_path / "ev", phantoms2d, marker="results.csv")
+    (out / "cache").mkdir()
+    (out / "cache" / "scans.npy").write_bytes(b"partial")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        prepare_out_dir(out, phantoms2d, marker="results.csv")
+    assert prepare_out_dir(out, phantoms2d, overwrite=True, marker="results.csv") == out
+    assert not (out / "cache").exists() and (out / ".medcl").is_file()
+    mine = tmp_path / "mine"
+    (mine / "cache").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="does not look like a medcl output"):
+        prepare_out_dir(mine, phantoms2d, overwrite=True)
+    assert (mine / "cache").is_dir()
+
+
 def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(folder.rglob("*")) if p.is_file()}
