@@ -9,6 +9,9 @@ quality: `medcl evaluate --selection typiclust kcenter random --per-class 10 25 
          same head on every non-test label (`--fractions 1.0`): the ceiling of the encoder, so "room" (ceiling minus
          random selection) says how much any choice of 20 or 50 scans could add.
 
+pooled:  the `quality` tables of several pretraining runs (one per --seed of `medcl pretrain`), pooled: the
+         selection gain per run and its interval over runs, since one run's gain can change sign with the next.
+
 end-to-end: `medcl select --budget 100` on an .npz of N scans (PneumoniaMNIST's images repeated with noise): the
          whole command (decode + encode + choose + outputs), then `medcl embed` once and `medcl select --embeddings`
          per strategy (later rounds of the loop); wall time of each command and of the choice alone.
@@ -16,6 +19,7 @@ end-to-end: `medcl select --budget 100` on an .npz of N scans (PneumoniaMNIST's 
 Usage:  python benchmarks/selection.py speed [--n 100000] [--dim 256]
         python benchmarks/selection.py end-to-end [--n 100000] [--runs runs/suite]
         python benchmarks/selection.py quality [--runs runs/suite] [--seeds 5] [--datasets pneumoniamnist ...]
+        python benchmarks/selection.py pooled --outs Q0 Q1 Q2 --out DIR   # quality runs of 3 pretraining runs
 """
 from __future__ import annotations
 
@@ -143,9 +147,62 @@ def quality(a):
     print(table)
 
 
+def pooled(a):
+    """Several `quality` outputs, each from its own pretraining run, pooled: the encoder is a source of variance too.
+
+    One pretraining run per dataset can decide the sign of a selection gain by itself (docs/selection.md), so the
+    interval is over the encoder runs' mean differences (each run: the mean over its seeds, paired by seed)."""
+    from medcl.metrics import mean_ci
+
+    outs = [Path(o) for o in a.outs]
+    lines = [f"{len(outs)} pretraining runs: " + ", ".join(map(str, outs)), "",
+             "| dataset | labels | selection | linear AUC (mean over runs x seeds) | random | difference, per run | "
+             "difference [95% CI over runs] | sd over seeds (selection / random) | both classes | ceiling | "
+             "room over random |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in a.datasets:
+        found = [o for o in outs if (o / name / "results.csv").is_file() and (o / f"{name}_all" / "results.csv").is_file()]
+        if not found:
+            continue
+        per_run = []  # (rows, ceiling) per pretraining run
+        for o in found:
+            rows = [r for r in csv.DictReader(open(o / name / "results.csv")) if r["encoder"] == "pretrained"]
+            ceiling = next(float(r["auc"]) for r in csv.DictReader(open(o / f"{name}_all" / "results.csv"))
+                           if r["encoder"] == "pretrained")
+            per_run.append((rows, ceiling))
+        ceil = np.mean([c for _, c in per_run])
+
+        def by_seed(rows, sel, n):
+            return {int(r["seed"]): r for r in rows if r["selection"] == sel and int(r["n_labeled"]) == n}
+
+        for n in sorted({int(r["n_labeled"]) for rows, _ in per_run for r in rows}):
+            ref_all = [float(r["auc"]) for rows, _ in per_run for r in by_seed(rows, "random", n).values()]
+            for sel in STRATEGIES:
+                v_all, diffs, sds, ref_sds, both = [], [], [], [], 0
+                for rows, _ in per_run:
+                    mine, ref = by_seed(rows, sel, n), by_seed(rows, "random", n)
+                    seeds = sorted(set(mine) & set(ref))
+                    v = np.array([float(mine[s]["auc"]) for s in seeds])
+                    r = np.array([float(ref[s]["auc"]) for s in seeds])
+                    v_all += v.tolist()
+                    diffs.append(float((v - r).mean()))
+                    sds.append(v.std(ddof=1))
+                    ref_sds.append(r.std(ddof=1))
+                    both += sum(int(mine[s]["classes_labeled"]) >= 2 for s in seeds)
+                m, _, half = mean_ci(diffs)
+                diff = ("| | " if sel == "random" else
+                        f"| {', '.join(f'{d:+.3f}' for d in diffs)} | {m:+.3f} [{m - half:+.3f}, {m + half:+.3f}] ")
+                lines.append(f"| {name} | {n} | {sel} | {np.mean(v_all):.3f} | {np.mean(ref_all):.3f} {diff}| "
+                             f"{np.mean(sds):.3f} / {np.mean(ref_sds):.3f} | {both}/{len(v_all)} | {ceil:.3f} | "
+                             f"{ceil - np.mean(ref_all):+.3f} |")
+    table = "\n".join(lines) + "\n"
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "selection_pooled.md").write_text(table)
+    print(table)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("speed", "end-to-end", "quality"))
+    ap.add_argument("stage", choices=("speed", "end-to-end", "quality", "pooled"))
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "suite"), help="benchmarks/suite.py's --out")
@@ -153,8 +210,10 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--datasets", nargs="*", default=list(QUALITY_2D))
     ap.add_argument("--rerun", action="store_true", help="evaluate again even where results exist")
+    ap.add_argument("--outs", nargs="+", default=[], help="pooled: the --out folders of several quality runs, each "
+                    "from its own pretraining run (suite.py --stage pretrain --pretrain-args --seed S)")
     a = ap.parse_args()
-    {"speed": speed, "end-to-end": end_to_end, "quality": quality}[a.stage](a)
+    {"speed": speed, "end-to-end": end_to_end, "quality": quality, "pooled": pooled}[a.stage](a)
 
 
 if __name__ == "__main__":

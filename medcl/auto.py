@@ -10,9 +10,10 @@ import numpy as np
 
 from .data.discover import Selection, open_source
 
-# views seen per pretraining run (each scan gives two per epoch); on our 2-core CPU, with other jobs sharing it, the
-# CPU budget took 6-25 minutes per dataset of the suite (docs/results.md); a GPU gets ten times the views (not yet
-# measured). Epochs = views / (2 x scans), within [EPOCHS_MIN, EPOCHS_MAX].
+# views seen per pretraining run (each scan gives two per epoch); on our 2-core CPU the CPU budget takes 1.7-3.8
+# minutes per 2D dataset of the suite on idle cores (6-25 with other jobs sharing them; docs/results.md), and three
+# times the views did not raise what a linear probe reaches with every label (docs/selection.md); a GPU gets ten
+# times the views (not yet measured). Epochs = views / (2 x scans), within [EPOCHS_MIN, EPOCHS_MAX].
 VIEWS_BUDGET = {("cpu", 2): 40_000, ("cpu", 3): 6_000, ("cuda", 2): 400_000, ("cuda", 3): 60_000}
 EPOCHS_MIN, EPOCHS_MAX = 3, 200
 PEEK = 12  # scans read to learn the folder's native size, channels and dimensionality
