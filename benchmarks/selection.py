@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("typiclust", "kcenter", "random")
+from medcl.select import STRATEGIES  # noqa: E402  (every strategy `medcl select` offers, random last)
 QUALITY_2D = ("pneumoniamnist", "retinamnist", "chest_xray_pneumonia_224", "isic")
 
 
@@ -176,7 +176,7 @@ def pooled(a):
 
         for n in sorted({int(r["n_labeled"]) for rows, _ in per_run for r in rows}):
             ref_all = [float(r["auc"]) for rows, _ in per_run for r in by_seed(rows, "random", n).values()]
-            for sel in STRATEGIES:
+            for sel in [s for s in STRATEGIES if any(r["selection"] == s for rows, _ in per_run for r in rows)]:
                 v_all, diffs, sds, ref_sds, both = [], [], [], [], 0
                 for rows, _ in per_run:
                     mine, ref = by_seed(rows, sel, n), by_seed(rows, "random", n)

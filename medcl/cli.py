@@ -109,6 +109,8 @@ OP_HELP = ("decision threshold, from out-of-fold predictions of the labeled scan
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .select import STRATEGIES
+
     ap = argparse.ArgumentParser(prog="medcl", description="Contrastive pretraining for 2D/3D medical scans, "
                                  "few-label fine-tuning, and TensorBoard inspection.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many labels: it is the slow part on a CPU (default: every budget)")
     v.add_argument("--epochs", type=int, default=30, help="max epochs for finetune heads and the baseline")
     v.add_argument("--operating-point", default="youden", help=OP_HELP)
-    v.add_argument("--selection", nargs="+", choices=("typiclust", "kcenter", "random"),
+    v.add_argument("--selection", nargs="+", choices=STRATEGIES,
                    help="draw each seed's labeled subset label-blind with these `medcl select` strategies (from the "
                         "non-test scans, as a user choosing what to label would) instead of stratified at random; a "
                         "budget is then a count: --per-class K means K x classes labels. Several strategies run side "
@@ -250,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("select", help="choose which scans to label first, from the pretrained embeddings",
                        formatter_class=fmt, parents=[quiet],
                        description="Cold-start label selection: encode DATA with the pretrained encoder and pick the "
-                                   "BUDGET scans most worth labeling. typiclust: the most typical scan of each "
-                                   "cluster of the embedding not yet covered, largest first (TypiClust); kcenter: "
-                                   "greedy coverage; random: the control. Labels are never read; test scans are "
+                                   "BUDGET scans most worth labeling. centroid (default): the scan nearest the "
+                                   "centre of each cluster of the embedding not yet covered, largest first; "
+                                   "typiclust: the cluster's densest scan instead (TypiClust); kcenter: greedy "
+                                   "coverage; random: the control. Labels are never read; test scans are "
                                    "never chosen; one scan per patient unless --allow-same-patient. Writes "
                                    "to_label.csv (fill in its label column, then use it as LABELS.csv), "
                                    "to_label.png and TensorBoard events.", epilog=EPILOG_SELECT)
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     s.add_argument("--budget", type=int, required=True, help="how many scans to choose")
     s.add_argument("--out", required=True, help="output folder (to_label.csv, to_label.png, selection.json, tb/)")
-    s.add_argument("--strategy", choices=("typiclust", "kcenter", "random"), default="typiclust",
+    s.add_argument("--strategy", choices=STRATEGIES, default="centroid",
                    help="how to choose")
     s.add_argument("--already-labeled", metavar="LABELS.csv", action="append", help="scans labeled so far (a path "
                    "column): the next BUDGET scans are those that add most to them (clusters not yet covered first); "
@@ -270,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embeddings", metavar="EMB_DIR", help="a `medcl embed` output of DATA with this checkpoint: "
                    "its features are used instead of encoding every scan again (later rounds on a large folder)")
     s.add_argument("--allow-same-patient", action="store_true", help="allow several scans of one patient")
-    s.add_argument("--seed", type=int, default=0, help="seeds k-means (typiclust) or the draw (kcenter, random)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seeds k-means (centroid, typiclust) or the draw (kcenter, random)")
     s.add_argument("--max-points", type=int, default=10000, help="projector subsample size (chosen scans always "
                                                                  "shown)")
     _selection_args(s)

@@ -56,7 +56,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
              positive=None, overwrite=False, device="auto", finetune_max_labels: int | None = None, progress=True,
              log=print, negative=None, multiclass=False, select=None, selection=None, resume: bool = False) -> list:
     """selection: None (stratified random subsets, the default), or label-blind strategies of medcl.select
-    (typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
+    (centroid, typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
     protocol and controls. resume: continue the evaluation in `out` (see the module docstring)."""
     from .heads import FEATURE_HEADS, HEADS
     from .select import STRATEGIES

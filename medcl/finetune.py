@@ -125,7 +125,7 @@ def budget_rows(ld: LabeledData, label_fraction=None, labels_per_class=None, see
     chosen.
 
     selection None: stratified at random, at least 2 per class (so cross-validation can choose and threshold).
-    selection typiclust | kcenter | random (medcl.select): label-blind, as a user choosing scans to label would,
+    selection: a medcl.select strategy: label-blind, as a user choosing scans to label would,
     from `features`; the budget is then a count (fraction x non-test scans, or labels_per_class x classes) and a
     class may come out missing (heads then predict the prior)."""
     non_test = np.flatnonzero(ld.split != "test")

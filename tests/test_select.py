@@ -57,6 +57,23 @@ def test_typiclust_labels_one_typical_scan_per_cluster_then_what_is_not_covered(
     assert nxt.info["clusters_covered"] > nxt.info["clusters_covered_before"]
 
 
+def test_centroid_labels_the_centre_of_each_cluster_not_its_densest_corner():
+    x, blob = _blobs()
+    first = choose(x, 5, "centroid", seed=0)
+    assert sorted(blob[first.order].tolist()) == [0, 1, 2, 3, 4]  # every region once, no outlier, as typiclust
+    # one cluster: a wide spread, and a tight clump off its centre (the compact class beside a varied one)
+    rng = np.random.default_rng(0)
+    base = np.eye(8)[0] * 3
+    spread = base + rng.normal(size=(200, 8)) * 0.5
+    clump = base + np.eye(8)[1] * 0.8 + rng.normal(size=(30, 8)) * 0.02
+    x1 = np.concatenate([spread, clump])
+    in_clump = np.arange(len(x1)) >= 200
+    assert in_clump[choose(x1, 1, "typiclust", seed=0).order[0]]  # the densest scan: in the clump
+    pick = choose(x1, 1, "centroid", seed=0).order[0]
+    u = x1 / np.linalg.norm(x1, axis=1, keepdims=True)
+    assert not in_clump[pick] and pick == np.argmax(u @ u.mean(0))
+
+
 def test_kcenter_goes_far_from_what_is_labeled_and_typicality_prefers_dense_scans():
     x, blob = _blobs(outliers=0)
     done = np.flatnonzero(blob == 0)
