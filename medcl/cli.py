@@ -50,7 +50,7 @@ EPILOG_EVALUATE = """examples:
   medcl evaluate --checkpoint runs/simclr --data scans/ --labels labels.csv --out eval/x \\
       --fractions 0.01 0.1 1.0 --seeds 5 --heads knn linear mlp --baseline finetune
   medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/sel --per-class 10 25 \\
-      --selection typiclust random --heads linear --baseline none     # does choosing the scans pay?
+      --selection centroid random --heads linear --baseline none      # does choosing the scans pay?
   medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/pm --resume --seeds 10
       # after an interruption: runs only what is missing; here also seeds 5-9 for a finished 5-seed evaluation
 """
