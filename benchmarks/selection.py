@@ -3,7 +3,8 @@
 speed:   `medcl.select.choose` on N synthetic embeddings (default 100,000 x 256-d, the default encoder's width: a
          mixture of 50 anisotropic clusters on the sphere), per strategy and budget. Encoding the scans is not
          included: that is `medcl embed`'s cost, the same for every strategy.
-quality: `medcl evaluate --selection typiclust kcenter random --per-class 10 25 --heads linear --baseline none`
+quality: `medcl evaluate --selection centroid typiclust kcenter random --per-class 10 25 --heads linear
+         --baseline none`
          (20 and 50 labels, binary tasks) on the suite's 2D datasets, with the encoders benchmarks/suite.py
          pretrained (RUNS/<dataset>/pretrain); every strategy against random selection with the same head. Also the
          same head on every non-test label (`--fractions 1.0`): the ceiling of the encoder, so "room" (ceiling minus
@@ -160,7 +161,8 @@ def pooled(a):
              "difference [95% CI over runs] | sd over seeds (selection / random) | both classes | ceiling | "
              "room over random |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in a.datasets:
-        found = [o for o in outs if (o / name / "results.csv").is_file() and (o / f"{name}_all" / "results.csv").is_file()]
+        found = [o for o in outs
+                 if (o / name / "results.csv").is_file() and (o / f"{name}_all" / "results.csv").is_file()]
         if not found:
             continue
         per_run = []  # (rows, ceiling) per pretraining run

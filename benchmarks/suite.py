@@ -15,11 +15,11 @@ Usage:  python benchmarks/suite.py [--out runs/suite] [--datasets pneumoniamnist
         python benchmarks/suite.py --stage pretrain      # only the pretraining runs (reused when complete)
         python benchmarks/suite.py --stage report        # tables and docs from the runs already in --out
 On our 2-core CPU, the evaluation with `--seeds 5 --finetune-max-labels 60 --epochs 15` took 4.5-8.7 minutes a
-dataset on idle cores (pretraining: 1.7-3.8 minutes more on the 2D sets; docs/results.md). The network-training rows at 10% are the slow
-part: 310 s per row on average on PneumoniaMNIST (523 labels), 53 minutes for its 5 seeds; with every row, a dataset
-took 28 (ISIC) to about 80 minutes (PneumoniaMNIST), pretraining included. Run the script
-again after an interruption, with more --seeds or without --finetune-max-labels: each evaluation continues
-(`medcl evaluate --resume`) and only what is missing runs.
+dataset on idle cores (pretraining: 1.7-3.8 minutes more on the 2D sets; docs/results.md). The network-training rows
+at 10% are the slow part: 310 s per row on average on PneumoniaMNIST (523 labels), 53 minutes for its 5 seeds; with
+every row, a dataset took 28 (ISIC) to about 80 minutes (PneumoniaMNIST), pretraining included (with pretraining
+timed on idle cores: 18 to about 65). Run the script again after an interruption, with more --seeds or without
+--finetune-max-labels: each evaluation continues (`medcl evaluate --resume`) and only what is missing runs.
 Datasets missing from ../shared/data are skipped with the reason.
 """
 from __future__ import annotations
