@@ -158,16 +158,19 @@ def pooled(a):
     outs = [Path(o) for o in a.outs]
     lines = [f"{len(outs)} pretraining runs: " + ", ".join(map(str, outs)), "",
              "| dataset | labels | selection | linear AUC (mean over runs x seeds) | random | difference, per run | "
-             "difference [95% CI over runs] | sd over seeds (selection / random) | both classes | ceiling | "
-             "room over random |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "difference [95% CI over runs] | sd over seeds (selection / random) | both classes | "
+             "pretrained − random-init (same subsets) | ceiling | room over random |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in a.datasets:
         found = [o for o in outs
                  if (o / name / "results.csv").is_file() and (o / f"{name}_all" / "results.csv").is_file()]
         if not found:
             continue
-        per_run = []  # (rows, ceiling) per pretraining run
+        per_run, controls = [], []  # (rows, ceiling) per pretraining run; its random-init control's rows
         for o in found:
-            rows = [r for r in csv.DictReader(open(o / name / "results.csv")) if r["encoder"] == "pretrained"]
+            every = list(csv.DictReader(open(o / name / "results.csv")))
+            rows = [r for r in every if r["encoder"] == "pretrained"]
+            controls.append([r for r in every if r["encoder"] == "random-init"])
             ceiling = next(float(r["auc"]) for r in csv.DictReader(open(o / f"{name}_all" / "results.csv"))
                            if r["encoder"] == "pretrained")
             per_run.append((rows, ceiling))
@@ -179,9 +182,11 @@ def pooled(a):
         for n in sorted({int(r["n_labeled"]) for rows, _ in per_run for r in rows}):
             ref_all = [float(r["auc"]) for rows, _ in per_run for r in by_seed(rows, "random", n).values()]
             for sel in [s for s in STRATEGIES if any(r["selection"] == s for rows, _ in per_run for r in rows)]:
-                v_all, diffs, sds, ref_sds, both = [], [], [], [], 0
-                for rows, _ in per_run:
+                v_all, diffs, sds, ref_sds, both, vs_ctrl = [], [], [], [], 0, []
+                for (rows, _), ctrl_rows in zip(per_run, controls):
                     mine, ref = by_seed(rows, sel, n), by_seed(rows, "random", n)
+                    ctrl = by_seed(ctrl_rows, sel, n)
+                    vs_ctrl += [float(mine[s]["auc"]) - float(ctrl[s]["auc"]) for s in mine if s in ctrl]
                     seeds = sorted(set(mine) & set(ref))
                     v = np.array([float(mine[s]["auc"]) for s in seeds])
                     r = np.array([float(ref[s]["auc"]) for s in seeds])
@@ -194,7 +199,8 @@ def pooled(a):
                 diff = ("| | " if sel == "random" else
                         f"| {', '.join(f'{d:+.3f}' for d in diffs)} | {m:+.3f} [{m - half:+.3f}, {m + half:+.3f}] ")
                 lines.append(f"| {name} | {n} | {sel} | {np.mean(v_all):.3f} | {np.mean(ref_all):.3f} {diff}| "
-                             f"{np.mean(sds):.3f} / {np.mean(ref_sds):.3f} | {both}/{len(v_all)} | {ceil:.3f} | "
+                             f"{np.mean(sds):.3f} / {np.mean(ref_sds):.3f} | {both}/{len(v_all)} | "
+                             f"{np.mean(vs_ctrl):+.3f} | {ceil:.3f} | "
                              f"{ceil - np.mean(ref_all):+.3f} |")
     table = "\n".join(lines) + "\n"
     Path(a.out).mkdir(parents=True, exist_ok=True)
