@@ -101,9 +101,14 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     writer = tb.open_writer(out / "tb")
     inner = progress if progress_mode(progress) == "bar" else False  # lines mode: one line per run, not per epoch
     t_runs, computed, reused, planned_keys = time.perf_counter(), 0, 0, set()
+    # label-blind strategies can skew the classes they pick (typicality favours the compact, often healthy, class):
+    # the positive share of each chosen subset, against the pool's, goes into the selection table
+    shares = {"pool": float(np.mean(ld.y[ld.split != "test"] == 1))} if ld.n_classes == 2 else None
     for i, ((kind, value), sel, seed) in enumerate(plan, 1):
         lab, pool, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
                                     seed, selection=sel, features=feats)
+        if shares is not None and sel:
+            shares.setdefault((kind, value, sel), []).append(float(np.mean(ld.y[lab] == 1)))
         # the protocol's promise, checked on every run: test rows never train or select anything
         assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist())
         subset = hashlib.sha256(lab.astype(np.int64).tobytes()).hexdigest()[:12]
@@ -170,7 +175,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         tb.log_scalars(writer, {"auc_gain_over_best_control": g["gain_mean"]}, int(round(g["n_labeled"])),
                        f"gain_{g['budget_kind']}/")
     (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, operating_point) + "\n" +
-                                    gain_markdown(gain) + selection_markdown(rows))
+                                    gain_markdown(gain) + selection_markdown(rows, shares))
     learning_curve(summary, out / "learning_curve.png")
     shutil.rmtree(out / "tb" / "hparams", ignore_errors=True)  # a resumed evaluation writes them afresh, not twice
     for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
@@ -190,7 +195,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                                        "seconds": round(time.perf_counter() - t0),
                                        "rows_reused": reused})
     log(summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=True))
-    log(gain_markdown(gain) + selection_markdown(rows))
+    log(gain_markdown(gain) + selection_markdown(rows, shares))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
     return rows
 
@@ -336,18 +341,28 @@ def _budget_text(kind, budget) -> str:
     return f"{budget:.0%}" if kind == "fraction" else f"{budget}/class"
 
 
-def selection_markdown(rows) -> str:
+def selection_markdown(rows, shares: dict | None = None) -> str:
     """Each label-blind strategy against random selection, pretrained encoder, same head and budget: mean AUC over
-    seeds (each seed its own subset), sd, and in how many subsets both classes were labeled."""
+    seeds (each seed its own subset), sd, and in how many subsets both classes were labeled. shares (binary tasks):
+    {"pool": positive share of the non-test scans, (kind, budget, selection): [positive share of each subset]}."""
     sels = list(dict.fromkeys(r.get("selection", "stratified") for r in rows))
     if "random" not in sels or len(sels) < 2:
         return ""
     lines = ["## Which scans to label: selection strategies against random selection", "",
              "Pretrained encoder, the same head and budget; each seed draws its own subset (label-blind strategies "
              "of `medcl select`): mean ± sd of test AUC over seeds, the difference of the means, and the subsets "
-             "in which both classes were labeled.", "",
-             "| budget | labels | head | selection | AUC | random | difference | both classes |",
-             "|---|---|---|---|---|---|---|---|"]
+             "in which both classes were labeled." + (
+                 f" Positive share: of the labeled scans, mean and range over seeds, against {shares['pool']:.0%} "
+                 "of the non-test scans; a strategy far below it is leaving the positive class short."
+                 if shares else ""), "",
+             "| budget | labels | head | selection | AUC | random | difference | both classes |"
+             + (" positive share: selection / random |" if shares else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if shares else "")]
+
+    def share(kind, budget, sel):
+        v = (shares or {}).get((kind, budget, sel))
+        return f"{np.mean(v):.0%} ({100 * min(v):.0f}-{100 * max(v):.0f})" if v else "-"
+
     summary = {_key(s): s for s in summarize([r for r in rows if r["encoder"] == "pretrained"])}
     for (kind, budget, sel, enc, head), s in summary.items():
         ref = summary.get((kind, budget, "random", enc, head))
@@ -356,7 +371,8 @@ def selection_markdown(rows) -> str:
         lines.append(f"| {_budget_text(kind, budget)} | {s['n_labeled']:.0f} | {head} | {sel} | "
                      f"{s['auc_mean']:.3f} ± {s['auc_sd']:.3f} | {ref['auc_mean']:.3f} ± {ref['auc_sd']:.3f} | "
                      f"{s['auc_mean'] - ref['auc_mean']:+.3f} | {s['both_classes']}/{s['n_seeds']} (random "
-                     f"{ref['both_classes']}/{ref['n_seeds']}) |")
+                     f"{ref['both_classes']}/{ref['n_seeds']}) |"
+                     + (f" {share(kind, budget, sel)} / {share(kind, budget, 'random')} |" if shares else ""))
     return "\n" + "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """`medcl select`: which scans to label first. Deterministic, label-blind, never a test scan, patient-aware, a loop."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -215,6 +216,13 @@ def test_evaluate_draws_each_subset_with_the_strategy_from_non_test_scans(tmp_pa
     assert all(r["classes_labeled"] in (1, 2) and 0 <= r["auc"] <= 1 for r in rows)
     text = (tmp_path / "ev" / "summary.md").read_text()
     assert "selection strategies against random selection" in text and "3/class (typiclust)" in text
+    # the positive share of the chosen scans against the pool's: a strategy's class skew is visible
+    ld0 = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+                       progress=False)
+    pool_share = np.mean(ld0.y[ld0.split != "test"] == 1)
+    assert f"against {pool_share:.0%} of the non-test scans" in text and "positive share: selection / random" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 3/class | 6 | linear | typiclust |"))
+    assert re.search(r"\| \d+% \(\d+-\d+\) / \d+% \(\d+-\d+\) \|$", row)  # mean (range), strategy / random
     ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
                       progress=False)
     feats = np.random.default_rng(0).normal(size=(len(ld.y), 8))
