@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data.discover import Selection, open_source
+from .errors import MedclError
 
 # views seen per pretraining run (each scan gives two per epoch); on our 2-core CPU the CPU budget takes 1.7-3.8
 # minutes per 2D dataset of the suite on idle cores (6-25 with other jobs sharing them; docs/results.md), and three
@@ -24,17 +25,22 @@ def folder_profile(data, select: Selection | None = None, dims: int | None = Non
     src = open_source(data, dims or 2, "train" if str(data).endswith(".npz") else "all", select)
     recs = src.records
     pick = [recs[i] for i in np.unique(np.linspace(0, len(recs) - 1, min(peek, len(recs))).astype(int))]
-    sides, spatial, colour = [], [], []
+    sides, spatial, colour, unread = [], [], [], []
     for r in pick:
         try:
             arr, _ = src.read(r)
-        except Exception:  # unreadable scans are reported (by path) when the cache is built, not here
+        except Exception as e:  # unreadable scans are reported (by path) when the cache is built, not here
+            unread.append((r.path, getattr(e, "reason", str(e))))
             continue
         shape = [s for s in arr.shape[1:] if s > 1]
         spatial.append(len(shape))
         sides.append(max(shape) if shape else 0)
         colour.append(arr.shape[0] >= 3 and float(np.abs(arr[0] - arr[1]).mean() + np.abs(arr[1] - arr[2]).mean())
                       > 1e-3 * max(float(np.abs(arr).max()), 1e-6))
+    if pick and not sides:  # a plan for a folder none of whose scans read would be nonsense: say so in one line
+        path, reason = unread[0]
+        raise MedclError(f"{data}: none of the {len(pick)} scans medcl looked at can be read ({path}: "
+                         f"{reason.split(' (')[0]}). Is DATA a folder of scans (NIfTI, DICOM, PNG/JPEG/TIFF, .npy)?")
     found_dims = dims or (3 if spatial and np.median(spatial) >= 3 else 2)
     return {"n_scans": len(recs), "dims": int(found_dims), "native_size": int(np.median(sides)) if sides else 0,
             "colour": bool(colour and np.mean(colour) > 0.5), "peeked": len(sides)}

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from .errors import MedclError
+from .runs import check_checkpoint_path, check_classifier_path
 
 # measured on 2 idle CPU cores (README, "Time"); one wording everywhere
 DEMO_TIME = "about 1 minute"
@@ -408,6 +409,27 @@ def _check_path(path, what: str):
         raise MedclError(f"{what} not found: {path}")
 
 
+# the file whose presence makes an --out folder a resumable run, for the commands that offer --resume
+OUT_MARKERS = {"pretrain": "config.yaml", "evaluate": "results.csv", "finetune": "metrics.json",
+               "embed": "embeddings.npz", "select": "to_label.csv", "predict": "predictions.csv", "views": "views.png",
+               "demo": "demo.json"}
+
+
+def _preflight_out(a):
+    """--out checked as the command would (exists, inside DATA, a failed start), before torch loads."""
+    from .runs import NEVER_TRAINED, check_out_dir, never_trained
+
+    if a.command not in OUT_MARKERS:
+        return
+    resume = getattr(a, "resume", False)
+    if a.command == "pretrain" and resume and never_trained(a.out):
+        print(NEVER_TRAINED.format(out=a.out))
+        a.resume = resume = False
+    marker = "settings.json" if a.command == "evaluate" and resume else OUT_MARKERS[a.command]
+    check_out_dir(a.out, getattr(a, "data", None), resume, getattr(a, "overwrite", False), marker,
+                  resumable=a.command in ("pretrain", "evaluate"))
+
+
 def _preflight(a):
     """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
     if getattr(a, "resume", False) and getattr(a, "overwrite", False):
@@ -424,6 +446,10 @@ def _preflight(a):
     ck = getattr(a, "checkpoint", None)
     if ck is not None and str(ck).lower() != "none":
         _check_path(ck, "checkpoint")
+        check_checkpoint_path(ck, a.command)
+    if getattr(a, "classifier", None):
+        check_classifier_path(a.classifier)
+    _preflight_out(a)
     if a.command in ("finetune", "evaluate", "pretrain", "embed"):
         from .data.labels import read_labels_csv
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import tensorboard as tb
-from .data.cache import build_cache, write_skipped
+from .data.cache import build_for_encoder, write_skipped
 from .data.discover import open_source
 from .data.labels import labels_from_records, read_labels_csv
 from .encoders import load_encoder
@@ -101,8 +101,8 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
         settings = extra.get("data", {})
     dims = int(settings.get("dims", 2))
     source = open_source(data, dims, "all", select)
-    scans = build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
-                        settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
+    scans = build_for_encoder(source, settings, checkpoint or classifier, cache_dir=out / "cache", progress=progress,
+                              log=log)
     write_skipped(scans.skipped, out / "skipped.csv")
     keys = [r.key for r in scans.records]
     table = None

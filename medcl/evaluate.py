@@ -80,7 +80,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     encoder, extra = load_encoder(checkpoint)
     settings = extra.get("data", {})
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
-                      negative=negative, multiclass=multiclass, select=select)
+                      negative=negative, multiclass=multiclass, select=select, checkpoint=checkpoint)
     identity = _identity(checkpoint, encoder, data, labels, ld, epochs=epochs, operating_point=operating_point,
                          positive=positive, negative=negative, multiclass=multiclass)
     done = _resume_rows(out, identity, log) if resume else {}

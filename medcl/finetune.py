@@ -12,7 +12,7 @@ import torch
 from . import heads
 from . import tensorboard as tb
 from .config import MedclConfig
-from .data.cache import ScanSet, build_cache, write_skipped
+from .data.cache import ScanSet, build_for_encoder, write_skipped
 from .data.discover import open_source
 from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
 from .encoders import Encoder, atomic_save, build_encoder, load_encoder
@@ -53,7 +53,7 @@ def load_encoder_or_scratch(checkpoint, cfg: MedclConfig):
 def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_seed: int = 0, out: Path | None = None,
                  allow_outside: bool = False, strict: bool = False, max_bad_fraction: float = 0.2,
                  progress: bool = True, log=print, negative=None, multiclass: bool = False,
-                 select=None) -> LabeledData:
+                 select=None, checkpoint=None) -> LabeledData:
     dims, size = int(data_settings.get("dims", 2)), int(data_settings.get("size", 64))
     source = open_source(data, dims, "all", select)
     if labels_csv:
@@ -72,9 +72,8 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
         raise LabelsError(f"{len(missing)} labeled paths were not found under {data}: {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''}. Fix the CSV or the folder.")
     source.records = [by_key[k] for k in table.keys]
-    scans = build_cache(source, dims, size, int(data_settings.get("channels", 1)),
-                        data_settings.get("intensity", "percentile"), strict, max_bad_fraction,
-                        (out / "cache") if out else None, num_workers=2, progress=progress)
+    scans = build_for_encoder(source, data_settings, checkpoint, strict=strict, max_bad_fraction=max_bad_fraction,
+                              cache_dir=(out / "cache") if out else None, num_workers=2, progress=progress, log=log)
     if out is not None:
         write_skipped(scans.skipped, out / "skipped.csv")
     if scans.skipped:
@@ -250,7 +249,8 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
             "features, the same head): what a pretrained encoder must beat; --mode finetune trains the network "
             "from scratch instead")
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, allow_outside=allow_outside,
-                      progress=progress, log=log, negative=negative, multiclass=multiclass, select=select)
+                      progress=progress, log=log, negative=negative, multiclass=multiclass, select=select,
+                      checkpoint=ck)
     lab, pool, te = budget_rows(ld, label_fraction, labels_per_class, seed)
     write_splits(ld, out / "splits.csv", lab)
     log(f"{len(ld.scans)} labeled scans (splits {ld.split_source}): {len(lab)} labels used of "

@@ -116,7 +116,7 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
         raise MedclError(f"--saliency-method {saliency_method}: choose {', '.join(METHODS)}")
     if saliency is not None and str(saliency) != "all" and not (str(saliency).isdigit() and int(saliency) > 0):
         raise MedclError(f"--saliency {saliency}: a number of scans (e.g. 20) or 'all'.")
-    from .data.cache import build_cache, write_skipped
+    from .data.cache import build_for_encoder, write_skipped
     from .data.discover import open_source
     from .data.labels import read_labels_csv
     from .runs import prepare_out_dir, write_json
@@ -138,9 +138,8 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="predictions.csv")
     clf.device = pick_device(device)
     clf.model = clf.model.to(clf.device)
-    scans = build_cache(source, dims, int(clf.data.get("size", 64)), int(clf.data.get("channels", 1)),
-                        clf.data.get("intensity", "percentile"), strict=strict, cache_dir=out / "cache",
-                        progress=progress)
+    scans = build_for_encoder(source, clf.data, classifier, strict=strict, cache_dir=out / "cache",
+                              progress=progress, log=log)
     write_skipped(scans.skipped, out / "skipped.csv")
     keys = [r.key for r in scans.records]
     proba = np.concatenate([clf.predict_arrays(scans.batch(np.arange(s, min(len(keys), s + 256))))

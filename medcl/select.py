@@ -238,7 +238,7 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     embeddings: a `medcl embed` folder (or its embeddings.npz) of DATA made with this checkpoint: its features are
     used instead of encoding every scan again, and only the scans shown are decoded (later rounds of the loop)."""
     from . import tensorboard as tb
-    from .data.cache import build_cache, write_skipped
+    from .data.cache import build_for_encoder, write_skipped
     from .data.discover import open_source
     from .data.labels import read_scan_list
     from .embed import write_projector
@@ -292,8 +292,7 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="to_label.csv")
 
     def decode(src):
-        return build_cache(src, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
-                           settings.get("intensity", "percentile"), cache_dir=out / "cache", progress=progress)
+        return build_for_encoder(src, settings, checkpoint, cache_dir=out / "cache", progress=progress, log=log)
 
     if stored is None:
         scans = decode(source)

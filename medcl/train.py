@@ -23,7 +23,7 @@ from .memory import fit_batch, measure_step
 from .methods import build_method, local_view_size
 from .monitors import collapse_metrics, is_collapsed, knn_probe
 from .progress import Progress, duration, eta_text
-from .runs import prepare_out_dir
+from .runs import NEVER_TRAINED, never_trained, prepare_out_dir
 from .runtime import encode, pick_device, seed_everything  # noqa: F401 (also medcl.train.encode, as before)
 from .views import BatchedViews, TwoViewDataset, _seed, engine_report, monai_transform, resolve_backend
 from . import tensorboard as tb
@@ -312,6 +312,9 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     `pairs`: [(key_a, key_b, similar)] from a pairs CSV, for method.name=pair.
     """
     out = Path(out)
+    if resume and never_trained(out):
+        log(NEVER_TRAINED.format(out=out))
+        resume = False
     saved = out / "config.yaml"
     saved_cfg = load_config(base=saved_run(saved)[0]) if resume and saved.is_file() else None
     cfg = cfg or saved_cfg or MedclConfig()
@@ -476,7 +479,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if probe_labels is not None and cache_dims == cfg.data.dims:
         probe = probe_labels.probe_set(scans)
     extra = {"data": {"dims": cfg.data.dims, "size": cfg.data.size, "channels": cfg.data.channels,
-                      "intensity": cfg.data.intensity}, "method": cfg.method.name, "trained_on": now_on}
+                      "intensity": cfg.data.intensity, "skip_label_maps": cfg.data.skip_label_maps},
+             "method": cfg.method.name, "trained_on": now_on}
     if main:
         (out / "checkpoints").mkdir(exist_ok=True)
         log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on {device}: "

@@ -60,6 +60,7 @@ def test_existing_run_is_not_overwritten(tmp_path, phantoms2d):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("x")
+    (out / "encoder.pt").write_text("x")  # a run that trained (one that never did is reused: test_first_run.py)
     r = medcl("pretrain", phantoms2d, "--out", out, check=False)
     assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
     assert (out / "config.yaml").read_text() == "x"
@@ -71,18 +72,23 @@ def test_existing_run_is_not_overwritten(tmp_path, phantoms2d):
 
 
 def test_a_run_stopped_before_its_first_output_can_be_overwritten(tmp_path, phantoms2d):
-    """A Ctrl-C while the cache builds leaves only cache files: --overwrite must still know the folder is medcl's
-    (its marker), while a folder medcl did not create stays refused."""
+    """A Ctrl-C while the cache builds leaves only cache files: the folder is known as medcl's (its marker) and holds
+    no output, so the next command reuses it (with or without --overwrite), while a folder medcl did not create stays
+    refused."""
     from medcl.errors import RunDirError
     from medcl.runs import prepare_out_dir
 
     out = prepare_out_dir(tmp_path / "ev", phantoms2d, marker="results.csv")
     (out / "cache").mkdir()
     (out / "cache" / "scans.npy").write_bytes(b"partial")
-    with pytest.raises(RunDirError, match="--overwrite"):
-        prepare_out_dir(out, phantoms2d, marker="results.csv")
+    assert prepare_out_dir(out, phantoms2d, marker="results.csv", log=lambda *a: None) == out
+    assert not (out / "cache").exists() and (out / ".medcl").is_file()
+    (out / "cache").mkdir()
     assert prepare_out_dir(out, phantoms2d, overwrite=True, marker="results.csv") == out
     assert not (out / "cache").exists() and (out / ".medcl").is_file()
+    (out / "results.csv").write_text("budget\n")  # a finished output is never replaced unasked
+    with pytest.raises(RunDirError, match="--overwrite"):
+        prepare_out_dir(out, phantoms2d, marker="results.csv")
     mine = tmp_path / "mine"
     (mine / "cache").mkdir(parents=True)
     with pytest.raises(RunDirError, match="does not look like a medcl output"):

@@ -22,6 +22,13 @@ LABEL_MAP_MAX_VALUES = 16  # an integer image with this few distinct values is a
 LABEL_MAP_NAME_WORDS = ("seg", "mask", "label", "parc", "annot")  # ... or up to 256 values with a name like these
 
 
+LABEL_MAP_REASON = "looks like a label map or mask"  # how skipped.csv (and the scan cache) tell masks from bad scans
+
+
+def is_label_map(reason: str) -> bool:
+    return reason.startswith(LABEL_MAP_REASON)
+
+
 def label_map_values(arr: np.ndarray, path) -> np.ndarray | None:
     """The distinct values if `arr` looks like a segmentation (tumour labels, brain mask, parcellation), else None.
 
@@ -45,9 +52,9 @@ def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channel
         raise ScanReadError(path, "contains NaN or Inf values; fix or remove the scan.")
     if skip_label_maps and arr.min() < arr.max() and (values := label_map_values(arr, path)) is not None:
         shown = ", ".join(f"{v:g}" for v in values[:8]) + (" …" if len(values) > 8 else "")
-        raise ScanReadError(path, f"looks like a label map or mask ({len(values)} distinct integer values: {shown}), "
-                                  "not an image; skipped. Keep it out with --exclude, or pretrain on it anyway with "
-                                  "--set data.skip_label_maps=false.")
+        raise ScanReadError(path, f"{LABEL_MAP_REASON} ({len(values)} distinct integer values: {shown}), "
+                                  "not an image; skipped (not counted as a bad scan). Keep it out with --exclude, or "
+                                  "pretrain on it anyway with --set data.skip_label_maps=false.")
     spatial = arr.ndim - 1
     if dims == 2 and spatial == 3:
         if 1 in arr.shape[1:]:
@@ -152,7 +159,7 @@ DECODER_VERSION = 1  # part of the scan cache's key: raise it when to_model_arra
 def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensity: str = "percentile",
                 strict: bool = False, max_bad_fraction: float = 0.2, cache_dir: Path | None = None,
                 cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True,
-                skip_label_maps: bool = True, store="auto", log=print) -> ScanSet:
+                skip_label_maps: bool = True, store="auto", log=print, expect: str | None = None) -> ScanSet:
     """Every scan of `source` as float32 (channels, *[size]*dims) in [0, 1].
 
     Scans come from the persistent scan cache (medcl.data.store) when it has them and are decoded (and added to it)
@@ -163,6 +170,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
 
     recs = source.records
     n = len(recs)
+    store_arg = store
     item_shape = (channels,) + (size,) * dims
     nbytes = n * int(np.prod(item_shape)) * 4
     if store == "auto":
@@ -175,6 +183,9 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
                 keys[i] = store.key(r)
             except OSError:  # gone since it was listed: decoding reports it by path
                 pass
+    # under torchrun the ranks split what the cache lacks as they find it: a peek would read a scan twice
+    uncached = [i for i in range(n) if keys[i] is None or not store.has(keys[i])] if dist.world_size() == 1 else []
+    peeked = check_dims(source, uncached[:3], dims, expect)
     large = nbytes > cache_max_gb * 2**30
     lazy = large and store is not None and all(k is not None for k in keys)  # read per batch from the scan cache
     images = None  # stays None when lazy: nothing held in memory
@@ -192,7 +203,10 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         rec = recs[i]
         where = rec.path if rec.fmt != "npz" else f"{rec.path}:{rec.key}"
         try:
-            arr, spacing = source.read(rec)
+            got = peeked.pop(i, None) or source.read(rec)
+            if isinstance(got, ScanReadError):
+                raise got
+            arr, spacing = got
             # a MedMNIST .npz is a declared dataset (VesselMNIST3D *is* binary masks): no label-map guess there
             return to_model_array(arr, spacing, where, dims, size, channels, intensity,
                                   skip_label_maps and rec.fmt != "npz"), None
@@ -266,23 +280,78 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     skipped += [err for _, err in sorted(errors, key=lambda e: e[0])]
     bar.close()
     n_ok = int(ok.sum())
+    masks = sum(is_label_map(r) for _, r in skipped)
+    if n_ok == 0 and masks and skip_label_maps:  # every scan that reads is a mask: they are the data (shape sets)
+        log(f"all {masks} readable scans are binary or label volumes: treating them as shape data (masks are "
+            f"skipped only among images; --exclude GLOB keeps files out)")
+        return build_cache(source, dims, size, channels, intensity, strict, max_bad_fraction, cache_dir,
+                           cache_max_gb, num_workers, progress, False, store_arg if store_arg == "auto" else None, log,
+                           expect)
     if n_ok == 0:
-        first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
-        raise MedclError(f"none of the {n} scans could be used. First problems: {first}")
-    bad = n - n_ok
-    if bad / n > max_bad_fraction:
-        first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
-        raise MedclError(f"{bad} of {n} scans cannot be used (more than data.max_bad_fraction={max_bad_fraction}). "
-                         f"First problems: {first}. Fix them, or raise the limit with --set data.max_bad_fraction=...")
+        raise MedclError(f"none of the {n} scans could be used. {summarize_problems(skipped)}")
+    bad = n - n_ok - masks  # label maps beside images (BraTS) are not bad scans
+    if masks:
+        log(f"note: {masks} of {n} files are label maps or masks, not images: left out (listed in skipped.csv)")
+    if bad / max(1, n - masks) > max_bad_fraction:
+        raise MedclError(f"{bad} of {n - masks} scans cannot be used (more than data.max_bad_fraction="
+                         f"{max_bad_fraction}). {summarize_problems([e for e in skipped if not is_label_map(e[1])])} "
+                         f"Fix them, or raise the limit with --set data.max_bad_fraction=...")
     rows = np.flatnonzero(ok)
     files = [store.entry(keys[i]) for i in rows] if lazy else None
-    if bad:
+    if n_ok < n:
         recs = [recs[i] for i in rows]
         if images is not None and not isinstance(images, np.memmap):  # in memory: compact; a memmap stays on disk
             images, rows = images[rows], np.arange(len(rows))
     if lazy:
         rows = np.arange(len(rows))
     return ScanSet(images, list(recs), skipped, rows, files=files, item_shape=item_shape, decoded=decoded)
+
+
+def build_for_encoder(source: Source, settings: dict, checkpoint=None, **kw) -> ScanSet:
+    """build_cache with the preprocessing an encoder was pretrained with (its saved data settings), so that every
+    command after pretraining reads scans exactly as pretraining did."""
+    dims = int(settings.get("dims", 2))
+    expect = None if str(checkpoint).lower() == "none" else \
+        f"the encoder{f' in {checkpoint}' if checkpoint else ''} was pretrained on {dims}D scans; pretrain one on " \
+        f"these scans (medcl pretrain DATA --dims {5 - dims})"
+    return build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
+                       settings.get("intensity", "percentile"), skip_label_maps=settings.get("skip_label_maps", True),
+                       expect=expect, **kw)
+
+
+def summarize_problems(skipped: list, shown: int = 2) -> str:
+    """'Problems: <reason> (N scans, first: <path>); ...': one entry per distinct reason, not one per scan."""
+    by_reason = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason.split(" (")[0], []).append(path)
+    parts = [f"{r} ({len(p)} scan{'s' * (len(p) > 1)}, first: {p[0]})" for r, p in list(by_reason.items())[:shown]]
+    more = f"; and {len(by_reason) - shown} other problems (skipped.csv)" if len(by_reason) > shown else ""
+    return "Problems: " + "; ".join(parts) + more + "."
+
+
+def spatial_dims_of(arr: np.ndarray) -> int:
+    """2 for an image (a 3D array with one singleton spatial axis counts as 2D), 3 for a volume."""
+    return sum(s > 1 for s in arr.shape[1:]) if arr.ndim == 4 else arr.ndim - 1
+
+
+def check_dims(source: Source, indices, dims: int, expect: str | None) -> dict:
+    """Refuse at once, from the first scans not yet cached, a folder of the other dimensionality: decoding all of it
+    to find out takes long and ends in one reason repeated per scan. `expect` says why `dims` is what it is (the
+    encoder's). Returns what it read, {index: (array, spacing)}, so that decoding does not read those again."""
+    peeked, found = {}, []
+    for i in indices:
+        try:
+            peeked[i] = source.read(source.records[i])
+        except ScanReadError as e:
+            peeked[i] = e  # decoding reports it by path
+            continue
+        found.append((spatial_dims_of(peeked[i][0]), i))
+    if not found or any(d == dims for d, _ in found):
+        return peeked
+    what = {2: "2D images", 3: "3D volumes"}.get(found[0][0], f"{found[0][0]}D arrays")
+    rec = source.records[found[0][1]]
+    why = expect or f"this run is {dims}D (data.dims); pass --dims {found[0][0]} for these scans"
+    raise MedclError(f"{source.root or rec.path} holds {what} (first: {rec.path}), but {why}.")
 
 
 def _bounded_map(pool, fn, items, chunk: int = 2048):

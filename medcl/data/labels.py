@@ -265,7 +265,7 @@ def make_splits(y: np.ndarray, groups: np.ndarray, test_fraction: float = 0.2, v
     def carve(idx, frac, name, s):
         k = max(2, int(round(1 / frac)))
         n_groups = len(np.unique(groups[idx]))
-        k = min(k, n_groups)
+        k = min(k, n_groups, int(np.bincount(y[idx]).max()))  # a small folder: fewer, larger folds
         if k < 2:
             raise LabelsError(f"too few patients ({n_groups}) to hold out a {name} split.")
         cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=s)

@@ -15,7 +15,7 @@ import torch
 
 from ..config import ViewsConfig
 from .batched import Plan, check_output, gaussian_blur
-from .recipe import as_yaml, knob_transforms, parse, recipe_list
+from .recipe import as_yaml, knob_transforms, parse, recipe_list, recipe_note
 
 __all__ = ["BatchedViews", "TwoViewDataset", "monai_transform", "resolve_backend", "gaussian_blur", "knob_transforms",
            "recipe_list", "as_yaml", "engine_report"]
@@ -41,7 +41,8 @@ class BatchedViews:
                  in_size: int | None = None):
         self.cfg, self.dims, self.size = cfg, dims, size
         self.plan = Plan(specs_for(cfg, dims, size, crop_scale), dims, size, in_size)
-        self.report = self.plan.report
+        note = recipe_note(cfg, dims)
+        self.report = self.plan.report + ([f"note: {note}"] if note else [])
         check_output(self.plan, dims, size, in_size)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -51,7 +52,9 @@ class BatchedViews:
 def engine_report(cfg: ViewsConfig, dims: int, size: int, backend: str) -> list:
     """A line per transform: which engine runs it."""
     if backend == "monai":
-        return [f"{s.name}: MONAI, per sample in the DataLoader workers" for s in specs_for(cfg, dims, size)]
+        note = recipe_note(cfg, dims)
+        return [f"{s.name}: MONAI, per sample in the DataLoader workers" for s in specs_for(cfg, dims, size)] + \
+            ([f"note: {note}"] if note else [])
     return BatchedViews(cfg, dims, size).report
 
 

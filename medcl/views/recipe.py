@@ -55,8 +55,37 @@ def knob_transforms(cfg: ViewsConfig, dims: int) -> list:
     return out
 
 
+SIZE_CLOSERS = ("Resize", "ResizeWithPadOrCrop")  # transforms that give every view one size
+
+
+def _opens_size(name: str) -> bool:
+    """A crop (RandScaleCrop, RandSpatialCrop, CenterSpatialCrop, CropForeground ...) leaves the view size open."""
+    name = name.split(".")[-1]
+    return "Crop" in name and name not in SIZE_CLOSERS
+
+
+def closing_resize(items: list, dims: int) -> tuple[list, str | None]:
+    """medcl owns the model's input size (data.size): a list whose last crop no resize follows gets a Resize to
+    @spatial_size right after that crop (where the batched engine fuses the two). Returns (items, note or None)."""
+    names = [str(it.get("_target_", "")).split(".")[-1] for it in items]
+    last_open = max((i for i, n in enumerate(names) if _opens_size(n)), default=None)
+    if last_open is None or any(n in SIZE_CLOSERS for n in names[last_open + 1:]):
+        return items, None
+    items = list(items)
+    items.insert(last_open + 1, {"_target_": "Resize", "spatial_size": "@spatial_size", "mode": _interp(dims)})
+    return items, (f"Resize to data.size added after {names[last_open]} (views.transforms[{last_open}]): the list "
+                   f"left the view size open")
+
+
 def recipe_list(cfg: ViewsConfig, dims: int) -> list:
-    return copy.deepcopy(list(cfg.transforms)) if cfg.transforms else knob_transforms(cfg, dims)
+    if not cfg.transforms:
+        return knob_transforms(cfg, dims)
+    return closing_resize(copy.deepcopy(list(cfg.transforms)), dims)[0]
+
+
+def recipe_note(cfg: ViewsConfig, dims: int) -> str | None:
+    """What medcl added to the user's list, for the engine report (None: the list runs as written)."""
+    return closing_resize(list(cfg.transforms), dims)[1] if cfg.transforms else None
 
 
 def _monai_names() -> list:
