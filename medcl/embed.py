@@ -13,6 +13,7 @@ from .data.discover import open_source
 from .data.labels import labels_from_records, read_labels_csv
 from .encoders import load_encoder
 from .runs import prepare_out_dir
+from .progress import Phases
 from .runtime import encode, pick_device
 
 
@@ -100,6 +101,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
         encoder, extra = load_encoder(checkpoint)
         settings = extra.get("data", {})
     dims = int(settings.get("dims", 2))
+    phases = Phases()
     source = open_source(data, dims, "all", select)
     scans = build_for_encoder(source, settings, checkpoint or classifier, cache_dir=out / "cache", progress=progress,
                               log=log)
@@ -111,8 +113,10 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
         table = read_labels_csv(labels, source.root, positive, multiclass=positive is None)
     elif any(r.label is not None for r in scans.records):
         table = labels_from_records(scans.records, positive, multiclass=positive is None)
+    phases.done("read scans")
     encoder = encoder.to(dev)
-    feats = encode(encoder, scans, dev)
+    feats = encode(encoder, scans, dev, progress=progress)
+    phases.done("encode")
     label_col = [table.labels[table.row_of(k)] if table is not None and table.row_of(k) is not None else "" for k in keys]
     patient_col = [(table.patient_of(k) or "") if table is not None else "" for k in keys]
     split_col = [(table.splits[table.row_of(k)] or "") if table is not None and table.row_of(k) is not None
@@ -132,6 +136,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     np.savez_compressed(out / "embeddings.npz", features=feats, paths=np.array(keys), labels=np.array(label_col),
                         patients=np.array(patient_col), splits=np.array(split_col), roles=np.array(role_col),
                         **({"probability": prob_col} if prob_col is not None else {}))
+    phases.done("save embeddings.npz")
     writer = tb.open_writer(out / "tb")
     try:
         show = write_projector(writer, feats, scans, dims, header, meta, max_points, log=log)
@@ -139,9 +144,13 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
             log(f"embeddings.npz holds all {len(keys)}")
     finally:
         writer.close()
+    phases.done("projector (thumbnails, sprite)")
+    if len(show) > 1000:
+        log(f"computing the 2D map of {len(show)} points for map.png ...")
     xy, how = embedding_map(feats[show])
     save_map_png(xy, [label_col[i] or "unlabeled" for i in show], how, out / "map.png")
-    log(f"embedded {len(keys)} scans ({feats.shape[1]}-d) in {time.perf_counter() - t0:.0f}s")
+    phases.done(f"2D map ({how})")
+    log(f"embedded {len(keys)} scans ({feats.shape[1]}-d) in {time.perf_counter() - t0:.0f}s: {phases}")
     log(f"wrote {out / 'embeddings.npz'}, {out / 'map.png'} ({how}), projector in {out / 'tb'}")
     log(f"inspect: tensorboard --logdir {out}  (PROJECTOR tab)")
     return out

@@ -29,13 +29,14 @@ from .encoders import Encoder, load_encoder
 from .errors import MedclError
 from .finetune import budget_rows, choose_threshold, load_labeled, run_head, write_splits
 from .metrics import bootstrap_ci, mean_ci, parse_operating_point, score
-from .progress import eta_text, progress_mode
+from .progress import duration, eta_text, progress_mode
 from .runs import prepare_out_dir, write_json
 from .runtime import encode, pick_device, seed_everything
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 DEFAULT_HEADS = ("knn", "linear", "spread", "selftrain")
 METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+HEARTBEAT_S = 10  # in lines mode, a line at least this often while one budget's heads run
 SETTINGS = "settings.json"  # what makes the numbers: a resume must match it
 RUNS = "runs.jsonl"  # every finished row, appended as it finishes: what a resume reuses
 
@@ -91,16 +92,19 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     encoder = encoder.to(dev)
     log(f"encoding {len(ld.scans)} scans with the pretrained encoder, and with the same network at random weights "
         f"(the control)")
-    feats = encode(encoder, ld.scans, dev)
+    feats = encode(encoder, ld.scans, dev, progress=progress, desc="encode (pretrained)")
     seed_everything(0)
-    control_feats = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev)
+    control_feats = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev, progress=progress,
+                           desc="encode (random-init control)")
     feature_heads = [h for h in heads if h in FEATURE_HEADS]
     budgets = _budgets(fractions, per_class)
     rows = []
     plan = [(b, sel, s) for b in budgets for sel in selections for s in range(seeds)]
     writer = tb.open_writer(out / "tb")
-    inner = progress if progress_mode(progress) == "bar" else False  # lines mode: one line per run, not per epoch
+    # lines mode: one line per run, and per epoch only for the heads that train a network (minutes each on a CPU)
+    inner = progress if progress_mode(progress) == "bar" else False
     t_runs, computed, reused, planned_keys = time.perf_counter(), 0, 0, set()
+    last_line = t_runs
     # label-blind strategies can skew the classes they pick (typicality favours the compact, often healthy, class):
     # the positive share of each chosen subset, against the pool's, goes into the selection table
     shares = {"pool": float(np.mean(ld.y[ld.split != "test"] == 1))} if ld.n_classes == 2 else None
@@ -130,16 +134,20 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                 rows.append(done[key])
                 reused += 1
                 continue
+            if progress_mode(progress) == "lines" and time.perf_counter() - last_line > HEARTBEAT_S:
+                log(f"[{i}/{len(plan)}] {kind}={value} seed={seed}: {len(new_rows)} of {len(runs)} heads done, "
+                    f"now {enc_name[:3]}/{head} (elapsed {duration(time.perf_counter() - t_runs)})")
+                last_line = time.perf_counter()
             t1 = time.perf_counter()
             if enc_name == "scratch":
                 seed_everything(seed)
                 enc = Encoder(**encoder.spec).to(dev)
                 fit, pte = run_head(head, enc, ld, lab, pool, te, dev, seed, epochs=epochs, pretrained=False,
-                                    progress=inner)
+                                    progress=progress)
             else:
                 fit, pte = run_head(head, encoder, ld, lab, pool, te, dev, seed,
                                     features=feats if enc_name == "pretrained" else control_feats, epochs=epochs,
-                                    progress=inner)
+                                    progress=progress if head == "finetune" else inner)
             thr, _, expected = choose_threshold(ld, lab, fit, operating_point)
             m = score(ld.y[te], pte, thr)
             row = {"budget_kind": kind, "budget": value, "selection": sel or "stratified",
@@ -160,6 +168,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         _append_rows(out / RUNS, new_rows)
         computed += bool(new_rows)
         left = len(plan) - i  # items not reached yet; a resume may find some of them done
+        last_line = time.perf_counter()
         log(f"[{i}/{len(plan)}] {kind}={value}{' ' + sel if sel else ''} seed={seed} ({len(lab)} labels): " +
             ", ".join(f"{r['encoder'][0:3]}/{r['head']} AUC {r['auc']:.3f}" for r in rows[-len(runs):]) +
             (f" | {eta_text(computed, computed + left, time.perf_counter() - t_runs)}" if new_rows else

@@ -198,6 +198,31 @@ def choose_threshold(ld: LabeledData, lab, fit: heads.HeadFit, operating_point: 
         {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"]}
 
 
+def threshold_warning(ld: LabeledData, lab, fit: heads.HeadFit, expected: dict, operating_point: str) -> str | None:
+    """A warning when the threshold cannot be trusted: too few labels for its cross-validation, or a threshold that
+    calls every labeled scan one class (a classifier that will call every new scan that class too)."""
+    if ld.n_classes != 2:
+        return None
+    names = ld.table.class_names()
+    per_class = np.bincount(ld.y[lab], minlength=2)
+    if not expected:
+        return (f"warning: {len(lab)} labels ({per_class.min()} in the smaller class) are too few for the "
+                f"cross-validation that chooses the threshold: it is 0.5, and what to expect of it is unknown. "
+                f"Label more scans (at least 2 per class; 10 or more per class for a stable threshold).")
+    sens, spec = expected.get("sensitivity"), expected.get("specificity")
+    if sens is None or spec is None or not ({sens, spec} == {0.0, 1.0}):
+        folds = fit.info.get("folds")
+        if isinstance(folds, int) and folds < 3:
+            return (f"warning: the threshold was chosen by {folds}-fold cross-validation over {len(lab)} labels "
+                    f"({per_class.min()} in the smaller class): expect it to move with more labels.")
+        return None
+    called = names[-1] if sens == 1.0 else names[0]
+    return (f"warning: the threshold for {operating_point} calls every one of the {len(lab)} labeled scans "
+            f"'{called}' (expected sensitivity {sens:.3f}, specificity {spec:.3f}): this classifier will call "
+            f"(nearly) every new scan '{called}'. Label more scans, or choose another operating point "
+            f"(--operating-point youden, or a lower target).")
+
+
 def save_classifier(model: Classifier, spec: dict, extra: dict, class_names, threshold, path: Path) -> None:
     atomic_save({"format": CLASSIFIER_FORMAT, "spec": dict(spec), "extra": extra,
                  "encoder": {k: v.detach().cpu() for k, v in model.encoder.state_dict().items()},
@@ -261,6 +286,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
                         progress=progress)
     binary = pte.shape[1] == 2
     thr, rule, expected = choose_threshold(ld, lab, fit, operating_point)
+    warning = threshold_warning(ld, lab, fit, expected, operating_point)
     test = score(ld.y[te], pte, thr)
     lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
     test["auc_ci95"] = [lo, hi]
@@ -270,7 +296,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
                "positive_class": "/".join(ld.table.positive) if binary else None,
                "classes": ld.table.class_names(), "mode": mode, "head": head, "head_info": fit.info,
                "operating_point": operating_point, "threshold": thr, "threshold_rule": rule,
-               "expected_at_threshold": expected, "checkpoint": ck, "splits": ld.split_source,
+               "expected_at_threshold": expected, "warning": warning, "checkpoint": ck, "splits": ld.split_source,
                "n_skipped": len(ld.scans.skipped), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "metrics.json", metrics)
     with open(out / "predictions.csv", "w", newline="") as f:
@@ -297,6 +323,8 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         writer.close()
     log(f"threshold {thr:.4f}: {rule}" + (f"; expected sensitivity {expected['sensitivity']:.3f}, specificity "
                                          f"{expected['specificity']:.3f}" if expected else ""))
+    if warning:
+        log(warning)
     log(f"test ({len(te)} scans): AUC {test['auc']:.3f} [95% CI {lo:.3f}-{hi:.3f}], accuracy {test['accuracy']:.3f}, "
         f"balanced accuracy {test['balanced_accuracy']:.3f}" +
         (f", sensitivity {test['sensitivity']:.3f}, specificity {test['specificity']:.3f}" if binary else ""))

@@ -15,6 +15,8 @@ budget no longer rests on a handful of validation labels.
 """
 from __future__ import annotations
 
+import warnings
+
 import copy
 import math
 from dataclasses import dataclass, field
@@ -110,6 +112,7 @@ def _fit_knn(f, y, fu, k, n_classes, seed):
 
 
 def _fit_mlp(f, y, fu, alpha, n_classes, seed):
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
@@ -118,8 +121,10 @@ def _fit_mlp(f, y, fu, alpha, n_classes, seed):
     counts = np.bincount(y, minlength=n_classes)
     idx = np.concatenate([rng.choice(np.flatnonzero(y == c), counts.max(), replace=True)
                           for c in range(n_classes) if counts[c] > 0])
-    clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=200, random_state=seed).fit(
-        scaler.transform(f[idx]), y[idx])
+    with warnings.catch_warnings():  # 200 iterations is the budget on purpose: alpha is chosen by cross-validation,
+        warnings.simplefilter("ignore", ConvergenceWarning)  # and a few labels are fitted long before it converges
+        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=200, random_state=seed).fit(
+            scaler.transform(f[idx]), y[idx])
     return (lambda x: _full_proba(clf, scaler.transform(x), n_classes)), {"alpha": alpha}
 
 

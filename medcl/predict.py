@@ -154,6 +154,11 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
     counts = {name: int((pred == i).sum()) for i, name in enumerate(clf.classes)}
     log(f"predicted {len(keys)} scans ({', '.join(f'{n} {c}' for n, c in counts.items())}); threshold {thr:.4f}: "
         f"{rule}" + (f"; {len(scans.skipped)} skipped (see {out / 'skipped.csv'})" if scans.skipped else ""))
+    if clf.binary and len(keys) >= 10 and max(counts.values()) == len(keys):
+        only = next(n for n, c in counts.items() if c)
+        log(f"warning: every one of the {len(keys)} scans is predicted '{only}' at threshold {thr:.4f}: the "
+            f"threshold may be degenerate (see the classifier's metrics.json); try --operating-point youden, or "
+            f"fine-tune with more labels")
     if table is not None:
         rows = [i for i, k in enumerate(keys) if table.row_of(k) is not None]
         if not rows:

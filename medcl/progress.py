@@ -65,7 +65,8 @@ class Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.mode == "lines" and self.line_every and (self.n % self.line_every == 0 or self.n >= self.total):
+        elif self.mode == "lines" and self.line_every and (self.n // self.line_every > (self.n - n) // self.line_every
+                                                           or self.n >= self.total):  # crossed a multiple, or done
             info = ", ".join(f"{k} {v}" for k, v in self.postfix.items())
             elapsed = time.perf_counter() - self.start
             print(f"{self.desc}: {self.n}/{self.total}{' (' + info + ')' if info else ''}, "
@@ -74,3 +75,18 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class Phases:
+    """Wall time per phase of a command, printed at its end ("read scans 3s, encode 20s, ..."): where time goes."""
+
+    def __init__(self):
+        self.t, self.times = time.perf_counter(), {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def __str__(self):
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.times.items())

@@ -27,15 +27,22 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def encode(encoder, images, device, batch_size: int = 256, amp: bool = False) -> np.ndarray:
-    """Features of a ScanSet or an array (N, C, *S) with the encoder in eval mode."""
+def encode(encoder, images, device, batch_size: int = 256, amp: bool = False, progress=False,
+           desc: str = "encode scans") -> np.ndarray:
+    """Features of a ScanSet or an array (N, C, *S) with the encoder in eval mode. `progress`: a bar, or a line per
+    quarter (medcl.progress), for folders large enough to take a while."""
+    from .progress import Progress
+
     encoder.eval()
     n = len(images)
     feats = []
+    bar = Progress(n, desc, progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=batch_size + 1)
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
         x = images.batch(idx) if hasattr(images, "batch") else np.asarray(images[s:s + batch_size])
         x = torch.as_tensor(x).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feats.append(encoder(x).float().cpu().numpy())
+        bar.update(len(idx))
+    bar.close()
     return np.concatenate(feats) if feats else np.zeros((0, 1), np.float32)

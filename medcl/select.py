@@ -228,6 +228,11 @@ def contact_sheet(images: np.ndarray, dims: int, titles: list, path: Path):
     return fig
 
 
+def layout_split(key: str) -> str | None:
+    """'test' for a scan under a folder named test (train/val/test layouts: Kaggle chest X-rays, BraTS exports)."""
+    return "test" if any(part.lower() == "test" for part in key.split("/")[:-1]) else None
+
+
 def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid", already_labeled=None, seed: int = 0,
                  labels=None, same_patient: bool = False, overwrite: bool = False, device="auto",
                  max_points: int = 10000, progress=True, log=print, select=None, embeddings=None) -> Path:
@@ -265,6 +270,12 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
             patient[key] = p
         if s == "test":
             test.add(key)
+    if not labels and not source.arrays:
+        test = {k for k in keys if layout_split(k) == "test"}
+        log(f"holding out the {len(test)} scans under a test/ folder (the folder layout's test split); --labels "
+            f"CSV with a split column decides instead" if test else
+            "note: without --labels no scan is held out: any scan of DATA may be chosen. To keep test scans out, "
+            "pass --labels CSV with a split column (or keep them under a test/ folder)")
     done = []
     already_labeled = [already_labeled] if isinstance(already_labeled, (str, Path)) else list(already_labeled or [])
     for csv_path in already_labeled:  # one CSV per round of labeling, or one that holds them all

@@ -177,3 +177,87 @@ def test_a_folder_of_non_images_fails_in_one_line_before_a_plan(tmp_path):
     assert r.returncode == 2 and "native ~0 px" not in r.stdout and "defaults for this folder" not in r.stdout
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be read as image" in lines[0] and "LoadImage" not in lines[0]
+
+
+def test_progress_lines_come_when_a_multiple_is_crossed_and_phases_are_timed(capsys):
+    from medcl.progress import Phases, Progress
+
+    bar = Progress(1000, "encode scans", "lines", line_every=250)
+    for _ in range(4):
+        bar.update(256)  # batches never land on a multiple of 250
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["encode scans: 256/1000", "encode scans: 512/1000",
+                                                  "encode scans: 768/1000", "encode scans: 1024/1000"]
+    phases = Phases()
+    phases.done("read scans")
+    phases.done("encode")
+    assert str(phases).startswith("read scans ") and ", encode " in str(phases)
+
+
+@pytest.mark.slow
+def test_silent_phases_speak(tmp_path, phantoms2d):
+    """The pretraining estimate within the first ~10% of the steps; embed's per-phase times at its end."""
+    run = tmp_path / "run"
+    r = run_medcl("pretrain", phantoms2d, "--out", run, *TINY[:-2], "--epochs", 3, "--batch-size", 8,
+                  env={"MEDCL_PROGRESS": "lines"})
+    est = next(ln for ln in r.stdout.splitlines() if ln.startswith("estimated time"))
+    assert "timed over steps 2-3)" in est  # 18 steps: the estimate after step 3, not step 10 (in epoch 2)
+    assert r.stdout.index("estimated time") < r.stdout.index("epoch 1/3")
+    r = run_medcl("embed", "--checkpoint", run, "--data", phantoms2d, "--out", tmp_path / "emb")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("embedded"))
+    assert "read scans" in line and "encode" in line and "projector" in line and "2D map" in line
+
+
+@pytest.mark.slow
+def test_a_degenerate_threshold_is_warned_about(tmp_path, phantoms2d):
+    """The README's own example on a small folder: 4 labels and sensitivity=0.95 called every scan diseased."""
+    r = medcl("finetune", "--checkpoint", "none", "--data", phantoms2d, "--labels", phantoms2d / "labels.csv",
+              "--out", tmp_path / "ft", "--label-fraction", "0.05", "--operating-point", "sensitivity=0.95",
+              *TINY[:6])
+    import json
+
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    expected = metrics["expected_at_threshold"]
+    assert metrics["n_labeled"] <= 4
+    if expected:
+        degenerate = {expected["sensitivity"], expected["specificity"]} == {0.0, 1.0}
+        assert ("calls every one of the" in r.stdout) == degenerate
+    assert metrics["warning"] and metrics["warning"] in r.stdout  # 2 labels per class: too few either way
+    assert "Label more scans" in metrics["warning"] or "expect it to move" in metrics["warning"]
+
+
+def test_threshold_warning_names_the_degenerate_case():
+    from types import SimpleNamespace
+
+    from medcl.finetune import threshold_warning
+
+    table = SimpleNamespace(class_names=lambda: ["healthy", "diseased"])
+    ld = SimpleNamespace(n_classes=2, table=table, y=np.array([0, 0, 1, 1, 0, 1, 0, 1]))
+    fit = SimpleNamespace(info={"folds": 4})
+    lab = np.arange(8)
+    w = threshold_warning(ld, lab, fit, {"sensitivity": 1.0, "specificity": 0.0}, "sensitivity=0.95")
+    assert "calls every one of the 8 labeled scans 'diseased'" in w and "--operating-point youden" in w
+    assert threshold_warning(ld, lab, fit, {"sensitivity": 0.9, "specificity": 0.7}, "youden") is None
+    assert "too few for the cross-validation" in threshold_warning(ld, lab, fit, {}, "youden")
+    assert "2-fold" in threshold_warning(ld, lab, SimpleNamespace(info={"folds": 2}),
+                                         {"sensitivity": 0.9, "specificity": 0.7}, "youden")
+
+
+@pytest.mark.slow
+def test_select_without_labels_keeps_the_layouts_test_folder_out(tmp_path, phantoms2d):
+    import shutil
+
+    data = tmp_path / "layout"
+    scans = sorted((phantoms2d / "scans").glob("*.png"))
+    for i, p in enumerate(scans):
+        dest = data / ("test" if i % 4 == 0 else "train") / p.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dest)
+    run = tmp_path / "run"
+    medcl("pretrain", phantoms2d, "--out", run, *TINY)
+    r = run_medcl("select", "--checkpoint", run, "--data", data, "--budget", 20, "--out", tmp_path / "sel")
+    assert "holding out the 12 scans under a test/ folder" in r.stdout
+    chosen = [ln.split(",")[0] for ln in (tmp_path / "sel" / "to_label.csv").read_text().splitlines()[1:]]
+    assert len(chosen) == 20 and not any(c.startswith("test/") for c in chosen)
+    r = run_medcl("select", "--checkpoint", run, "--data", data / "train", "--budget", 5, "--out", tmp_path / "s2")
+    assert "without --labels no scan is held out" in r.stdout

@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_and_nothing_is_lost(trained, phantoms3d, tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     for data, words in ((phantoms3d, "3D volume"), (empty, "no scans found")):
-        out = tmp_path / data.name
+        out = tmp_path / f"out_{data.name}"  # not the data folder itself (refused before anything else)
         assert main(["predict", "--classifier", str(tmp / "ft"), "--data", str(data), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err

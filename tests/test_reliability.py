@@ -129,6 +129,7 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile file is written with protocol 4
 def test_pickle_with_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "encoder.pt"
