@@ -76,5 +76,7 @@ def describe_auto(profile: dict, cfg, device: str, typed: bool = False) -> str:
             f"{'colour' if profile['colour'] else 'grayscale'}")
     return (f"defaults for this folder ({what}; {device}){' with your flags' if typed else ''}: size {cfg.data.size}, "
             f"channels {cfg.data.channels}, {cfg.encoder.name} x{cfg.encoder.widen_factor:g} stem {cfg.encoder.stem}, "
-            f"{cfg.method.name}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs; set any of them with "
+            f"{cfg.method.name}, batch {cfg.train.batch_size}, "
+            f"{f'time budget {cfg.train.time_budget}' if cfg.train.time_budget else f'{cfg.train.epochs} epochs'}; "
+            f"set any of them with "
             f"--set/--epochs/--batch-size, or use a recipe (--config)")

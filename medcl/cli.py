@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_config_args(p)
     p.add_argument("--dims", type=int, choices=(2, 3), help="2D or 3D encoder (data.dims)")
     p.add_argument("--epochs", type=int, help="train.epochs (with --resume: train a finished run longer)")
+    p.add_argument("--time", metavar="DURATION", help="train.time_budget: pretrain for this long, e.g. 20m, 1h30m "
+                   "(the step count is set from the pace of the first steps and the schedule fitted to it; instead "
+                   "of --epochs). With --resume: train this much longer")
     p.add_argument("--batch-size", type=int, help="train.batch_size (global, across GPUs)")
     p.add_argument("--seed", type=int, help="train.seed")
     _selection_args(p)
@@ -367,7 +370,8 @@ def _pretrain_config(a, base: dict | None = None):
 
     over = parse_set(a.set)
     for key, val in (("data.dims", a.dims), ("train.epochs", getattr(a, "epochs", None)),
-                     ("train.batch_size", getattr(a, "batch_size", None)), ("train.seed", getattr(a, "seed", None))):
+                     ("train.batch_size", getattr(a, "batch_size", None)), ("train.seed", getattr(a, "seed", None)),
+                     ("train.time_budget", getattr(a, "time", None))):
         if val is not None:
             sec, k = key.split(".")
             over.setdefault(sec, {})[k] = val
@@ -397,7 +401,7 @@ def _auto_base(a) -> dict:
     device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     settings = auto_settings(profile, device)
     typed = bool(a.set or a.dims or getattr(a, "epochs", None) or getattr(a, "batch_size", None)
-                 or a.seed is not None)
+                 or a.seed is not None or getattr(a, "time", None))
     print(describe_auto(profile, _pretrain_config(a, settings), device, typed))
     return settings
 
@@ -432,6 +436,8 @@ def _preflight_out(a):
 
 def _preflight(a):
     """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
+    if getattr(a, "time", None) and getattr(a, "epochs", None):
+        raise MedclError("--time and --epochs both set how long to pretrain: pass one of them")
     if getattr(a, "resume", False) and getattr(a, "overwrite", False):
         from .runs import RESUME_OR_OVERWRITE
 
@@ -552,7 +558,8 @@ def main(argv=None) -> int:
             from .train import pretrain
 
             pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
-                     pairs=pairs, progress=progress, allow_different_data=a.allow_different_data)
+                     pairs=pairs, progress=progress, allow_different_data=a.allow_different_data,
+                     add_time=bool(a.resume and a.time))
         elif a.command == "finetune":
             cfg = _pretrain_config(a)
             from .finetune import finetune

@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 10  # steps between scalar logs
     monitor_every: int = 50  # steps between collapse monitors
     max_steps: int = 0  # stop after this many steps (0: run all epochs); for smoke tests
+    time_budget: str = ""  # e.g. 20m, 1h30m (--time): as many steps as fit, replacing epochs; empty: train.epochs
     memory_gb: float = 0.0  # memory one step may use (0: 80% of what is free at the start); the batch is lowered to fit
 
 
@@ -319,6 +320,13 @@ def validate(cfg: MedclConfig) -> None:
     lo, hi = cfg.views.crop_scale
     if not (0 < lo <= hi <= 1):
         raise ConfigError(f"views.crop_scale={cfg.views.crop_scale}: need 0 < min <= max <= 1.")
+    if cfg.train.time_budget:
+        from .timebudget import parse_duration
+
+        try:
+            parse_duration(cfg.train.time_budget)
+        except ValueError as err:
+            raise ConfigError(f"train.time_budget (--time): {err}") from None
     e = cfg.encoder
     if e.name == "vit":
         if cfg.data.size % e.patch_size:
@@ -368,7 +376,7 @@ def saved_run(path: Path) -> tuple[dict, dict]:
 
 # keys a resumed run may change: how it runs and logs, not what it learns
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "train.num_workers", "train.log_every", "train.monitor_every",
-                     "train.checkpoint_every", "train.max_steps", "data.num_workers", "data.cache_max_gb"}
+                     "train.checkpoint_every", "train.max_steps", "train.time_budget", "data.num_workers", "data.cache_max_gb"}
 
 
 def resume_differences(saved: MedclConfig, asked: MedclConfig) -> list:

@@ -23,7 +23,9 @@ from .memory import fit_batch, measure_step
 from .methods import build_method, local_view_size
 from .monitors import collapse_metrics, is_collapsed, knn_probe
 from .progress import Progress, duration, eta_text
+from . import timebudget
 from .runs import NEVER_TRAINED, never_trained, prepare_out_dir
+from .timebudget import TimeBudget, parse_duration
 from .runtime import encode, pick_device, seed_everything  # noqa: F401 (also medcl.train.encode, as before)
 from .views import BatchedViews, TwoViewDataset, _seed, engine_report, monai_transform, resolve_backend
 from . import tensorboard as tb
@@ -291,8 +293,23 @@ def _set_rng_state(st: dict) -> None:
     random.setstate((v, tuple(internal), g))
 
 
-def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_complete=False):
+def _fit_schedule(sched, method, total: int, steps_per_epoch: int, schedule: tuple) -> int:
+    """The cosine schedule (and a momentum method's own) made to end exactly at step `total`; returns it."""
+    warm, min_ratio = schedule
+    sched.lr_lambdas[0] = lr_lambda(min(warm, max(1, total // 10)), total, min_ratio)
+    if method.uses_momentum:
+        method.total_steps = total
+    return total
+
+
+def _planned(budget, planned, total):
+    """The planned step count a checkpoint carries (a time-budget run), else None."""
+    return total if budget is not None and budget.total is not None or planned else None
+
+
+def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_complete=False, planned_total=None):
     return {"format": "medcl-checkpoint-v1", "model": method.state_dict(), "optimizer": opt.state_dict(),
+            "planned_total": planned_total,
             "scheduler": sched.state_dict(),  # bf16 autocast needs no gradient scaler
             "epoch": epoch, "step": step, "global_step": global_step, "epoch_complete": epoch_complete,
             "rng": _rng_state(),
@@ -301,7 +318,7 @@ def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_c
 
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,
              labels=None, probe_labels=None, epochs: int | None = None, pairs=None, progress: bool = True,
-             log=print, allow_different_data: bool = False) -> Path:
+             log=print, allow_different_data: bool = False, add_time: bool = False) -> Path:
     """Pretrain an encoder on the scans in `data` (folder or MedMNIST .npz). Returns the run folder.
 
     Writes config.yaml, checkpoints/last.pt (every epoch, atomically), encoder.pt, skipped.csv and TensorBoard events.
@@ -310,7 +327,10 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     (epochs, device, logging: config.RESUME_MAY_CHANGE), and DATA must be the scans it was trained on unless
     `allow_different_data`. A finished run is reported complete and left as it is.
     `pairs`: [(key_a, key_b, similar)] from a pairs CSV, for method.name=pair.
+    `cfg.train.time_budget` (e.g. "20m"): as many steps as fit, the schedule fitted to them (medcl.timebudget); a
+    resumed run finishes its planned steps, or with `add_time` trains that much longer.
     """
+    t_start = timebudget.now()  # a time budget counts from here: decoding and setup are part of the asked time
     out = Path(out)
     if resume and never_trained(out):
         log(NEVER_TRAINED.format(out=out))
@@ -344,7 +364,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         if ckpt is None:
             log(f"{out} has no checkpoint: the earlier run stopped before its first one (the end of epoch 1, or "
                 f"train.checkpoint_every steps); starting from the beginning")
-        elif ckpt.get("epoch_complete") and ckpt["epoch"] + 1 >= cfg.train.epochs:
+        elif ckpt.get("epoch_complete") and ckpt["epoch"] + 1 >= cfg.train.epochs and not add_time:
             log(f"{out} is complete: {ckpt['epoch'] + 1} of {cfg.train.epochs} epochs done, nothing to resume; "
                 f"its outputs are left as they are. To train longer: --resume --epochs N (N > {ckpt['epoch'] + 1}).")
             dist.cleanup()
@@ -448,6 +468,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warm, total, cfg.optim.min_lr_ratio))
     use_amp = speed["amp"]
     start_epoch, start_step, global_step = 0, 0, 0
+    schedule = (warm, cfg.optim.min_lr_ratio)
     if ckpt is not None:
         try:
             method.load_state_dict(ckpt["model"])
@@ -462,6 +483,14 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log(f"resuming at epoch {start_epoch + 1}, step {start_step} (global step {global_step})")
     elif resume:
         log("no checkpoint yet: starting from the beginning")
+    budget, n_epochs = None, cfg.train.epochs
+    planned = ckpt.get("planned_total") if ckpt is not None and not add_time else None
+    if planned:  # a killed time-budget run finishes the steps it planned, on the same schedule
+        total, n_epochs = _fit_schedule(sched, method, planned, steps_per_epoch, schedule), math.ceil(planned / steps_per_epoch)
+    elif cfg.train.time_budget:
+        budget = TimeBudget(parse_duration(cfg.train.time_budget), timebudget.now() if add_time else t_start,
+                            steps_per_epoch, max_steps=cfg.train.max_steps)
+        n_epochs = 10**9  # until the planned step; the first steps run inside the warm-up, whatever the total
 
     pairing = neighbor_pairing(cfg) if cfg.method.positives == "neighbors" else None
     stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing, pairs=pair_arrays,
@@ -484,7 +513,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     if main:
         (out / "checkpoints").mkdir(exist_ok=True)
         log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on {device}: "
-            f"{len(scans)} scans, batch {global_batch}, {steps_per_epoch} steps x {cfg.train.epochs} epochs, "
+            f"{len(scans)} scans, batch {global_batch}, {steps_per_epoch} steps x "
+            f"{f'the epochs that fit in {cfg.train.time_budget}' if cfg.train.time_budget else f'{cfg.train.epochs} epochs'}, "
             f"views={stream.backend}")
         log(f"method settings: {method.describe()}" + (f", {n_local} local crops of {local_size} px" if n_local else ""))
         log("views, and the engine each transform runs in:\n" + "\n".join(f"  {line}" for line in stream.report))
@@ -512,12 +542,30 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 loss_log.flush()
         return last_loss
     run_start, run_steps, timed_from = time.perf_counter(), 0, None  # for the time estimate and each epoch's ETA
-    estimate_after = min(10, total - global_step)
+    # the estimate comes within the first ~5% of the steps (at least steps 2-3 timed, at most 2-10)
+    estimate_after = min(total - global_step, int(np.clip(round(0.05 * (total - global_step)), 3, 10)))
+
+    def planned_steps_done() -> bool:
+        """A time-budget run (or its resumption) stops at its planned step, not at an epoch count."""
+        plan = budget.total if budget is not None else (total if planned else None)
+        return plan is not None and global_step >= plan
+
+    def replan():
+        """Apply the time budget's (new) step count: the schedule, the epochs, the saved config."""
+        nonlocal total, n_epochs
+        total = _fit_schedule(sched, method, budget.total, steps_per_epoch, schedule)
+        n_epochs = cfg.train.epochs = budget.epochs
+        if main:
+            save_config(cfg, saved, trained_on=now_on)
+
     try:
-        for epoch in range(start_epoch, cfg.train.epochs):
+        for epoch in range(start_epoch, n_epochs):
+            if planned_steps_done():
+                break
             model.train()
             # bar on a terminal; elsewhere the epoch line below is the progress report
-            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}", progress if main else False,
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{n_epochs if n_epochs < 10**9 else '?'}",
+                           progress if main else False,
                            initial=start_step if epoch == start_epoch else 0, line_every=None)
             t_last, n_last = time.perf_counter(), 0
             first = start_step if epoch == start_epoch else 0
@@ -548,9 +596,14 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{n_last / max(time.perf_counter() - t_last, 1e-9):.0f}")
                 bar.update()
                 run_steps += 1
+                if budget is not None and budget.step_done(global_step):
+                    first_plan = n_epochs == 10**9
+                    replan()
+                    if main and (first_plan or budget.fixed):
+                        log(budget.plan_text() + (" (fixed from here)" if budget.fixed else ""))
                 if run_steps == 1:
                     timed_from = time.perf_counter()  # the first step pays for warm-up: time the ones after it
-                elif run_steps == estimate_after and main:
+                elif run_steps == estimate_after and main and budget is None:
                     per_step = (time.perf_counter() - timed_from) / (run_steps - 1)
                     log(f"estimated time: about {duration(per_step * (total - global_step + run_steps))} in all, "
                         f"{duration(per_step * steps_per_epoch)} per epoch (timed over steps 2-{run_steps})")
@@ -579,15 +632,23 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 if main and global_step == 1 or (main and step == 0 and epoch == cfg.train.epochs - 1):
                     tb.log_view_pairs(writer, v1, v2, global_step)
                 if main and save_now:
-                    atomic_save(_checkpoint_state(method, opt, sched, epoch, step + 1, global_step, cfg),
+                    atomic_save(_checkpoint_state(method, opt, sched, epoch, step + 1, global_step, cfg,
+                                                  planned_total=_planned(budget, planned, total)),
                                 out / "checkpoints" / "last.pt")
                 if cfg.train.max_steps and global_step >= cfg.train.max_steps:
+                    break
+                if planned_steps_done():
+                    break
+                if budget is not None and budget.over_time():
+                    log(f"note: the time budget ran out at step {global_step} of {total} planned (the machine "
+                        f"slowed down?): stopping here")
                     break
             bar.close()
             last_loss = settle()
             if main:
                 atomic_save(_checkpoint_state(method, opt, sched, epoch, steps_per_epoch, global_step, cfg,
-                                              epoch_complete=True), out / "checkpoints" / "last.pt")
+                                              epoch_complete=True, planned_total=_planned(budget, planned, total)),
+                            out / "checkpoints" / "last.pt")
                 export_encoder(method.encoder if not speed["compile"] else method.encoder._orig_mod, out / "encoder.pt", extra)
                 if probe is not None:
                     feats = encode(method.encoder, probe[0], device, amp=use_amp)
@@ -596,7 +657,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                     if k:
                         log(f"epoch {epoch + 1}: online kNN on {len(probe[1])} probe scans: " +
                             ", ".join(f"{a}={b:.3f}" for a, b in k.items()))
-                log(f"epoch {epoch + 1}/{cfg.train.epochs}: loss {last_loss:.4f}, "
+                log(f"epoch {epoch + 1}/{n_epochs if n_epochs < 10**9 else '?'}: loss {last_loss:.4f}, "
                     f"{eta_text(run_steps, total - global_step + run_steps, time.perf_counter() - run_start)}")
                 writer.flush()
             if cfg.train.max_steps and global_step >= cfg.train.max_steps:
