@@ -20,14 +20,35 @@ DEMO_SETTINGS = {
 }
 
 
+def paired_gain(pred_a, pred_b, seed: int = 0) -> tuple:
+    """(gain, lo, hi) of test AUC, classifier a over b, bootstrapped over the test scans both predicted."""
+    import csv
+
+    import numpy as np
+
+    from .metrics import paired_auc_gain_ci
+
+    def read(path):
+        with open(path, newline="") as f:
+            return {r["path"]: (int(r["target"]), float(r["prob_diseased"])) for r in csv.DictReader(f)}
+
+    a, b = read(pred_a), read(pred_b)
+    keys = sorted(a.keys() & b.keys())
+    assert all(a[k][0] == b[k][0] for k in keys)  # the same scans with the same labels
+    y = np.array([a[k][0] for k in keys])
+    return paired_auc_gain_ci(y, [a[k][1] for k in keys], [b[k][1] for k in keys], seed=seed)
+
+
 def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, label_fraction: float = 0.1,
          seed: int = 0, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     t0 = time.perf_counter()
     out = prepare_out_dir(out, None, overwrite=overwrite, marker="demo.json")
     n = n or (400 if dims == 2 else 160)
     size = DEMO_SETTINGS[dims]["data"]["size"]
-    log(f"[1/5] generating {n} synthetic {dims}D phantoms (half with lesions) in {out / 'data'}")
-    data = make_phantoms(out / "data", n=n, dims=dims, size=size, seed=seed)
+    log(f"[1/5] generating {n} synthetic {dims}D phantoms in {out / 'data'}: half with small lesions (the "
+        f"disease, a local finding), every scan with its own position, rotation, gain, contrast, bias field and "
+        f"noise (what differs between acquisitions, and what contrastive views teach the encoder to ignore)")
+    data = make_phantoms(out / "data", n=n, dims=dims, size=size, seed=seed, nuisance=True)
     cfg = apply_overrides(MedclConfig(), DEMO_SETTINGS[dims], "demo settings")
     cfg.train.seed = seed
     if epochs:
@@ -43,10 +64,10 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
     log("[5/5] embeddings for the TensorBoard projector")
     embed(out / "pretrain", data, out / "embed", labels=data / "labels.csv",
           classifier=out / "finetune", progress=progress, log=log)
-    gain = m["test"]["auc"] - c["test"]["auc"]
+    gain, glo, ghi = paired_gain(out / "finetune" / "predictions.csv", out / "control" / "predictions.csv", seed)
     summary = {"dims": dims, "n_scans": n, "test_auc": m["test"]["auc"], "test_auc_ci95": m["test"]["auc_ci95"],
                "control_test_auc": c["test"]["auc"], "control_test_auc_ci95": c["test"]["auc_ci95"],
-               "gain_over_control": gain, "test_accuracy": m["test"]["accuracy"],
+               "gain_over_control": gain, "gain_ci95": [glo, ghi], "test_accuracy": m["test"]["accuracy"],
                "n_labeled": m["n_labeled"], "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "demo.json", summary)
     lo, hi = m["test"]["auc_ci95"]
@@ -56,7 +77,7 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
         f"training scans, {m['test']['n']} test scans):")
     log(f"  pretrained encoder + linear probe:          test AUC {m['test']['auc']:.3f} [95% CI {lo:.3f}-{hi:.3f}]")
     log(f"  random-init encoder + the same probe:       test AUC {c['test']['auc']:.3f} [95% CI {clo:.3f}-{chi:.3f}]")
-    log(f"  what pretraining adds here: {gain:+.3f} AUC (one seed and one labeled subset; `medcl evaluate` makes "
-        "this comparison over seeds and label budgets)")
+    log(f"  what pretraining adds here: {gain:+.3f} AUC [95% CI {glo:+.3f} to {ghi:+.3f}, paired by test scan] "
+        "(one labeled subset; `medcl evaluate` makes this comparison over seeds and label budgets)")
     log(f"look at it: tensorboard --logdir {out}")
     return summary

@@ -43,12 +43,48 @@ def add_lesions(rng: np.random.Generator, anatomy: dict, dims: int, size: int, n
     return dict(anatomy, lesions=lesions)
 
 
-def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise: float = 0.03, lesion_mask=None):
+def acquisition(rng: np.random.Generator, dims: int, size: int, nuisance: bool) -> dict:
+    """How one scan was acquired. Real scans differ by factors that dominate raw pixels while disease is a local
+    finding: positioning and rotation, scanner gain and contrast, a smooth bias field, noise. With `nuisance` they
+    vary as widely as between scanners and sessions; without it, only a little (the earlier phantoms)."""
+    if not nuisance:
+        return dict(shift=rng.uniform(-0.02, 0.02, dims) * size, angle=0.0, gain=1.0, offset=0.0, gamma=1.0,
+                    bias=np.zeros((dims, 2)), noise=0.03)
+    return dict(shift=rng.uniform(-0.08, 0.08, dims) * size, angle=rng.uniform(-0.35, 0.35),  # +-20 degrees
+                gain=rng.uniform(0.6, 1.3), offset=rng.uniform(-0.1, 0.1), gamma=np.exp(rng.uniform(-0.5, 0.5)),
+                bias=rng.uniform(-0.3, 0.3, (dims, 2)), noise=rng.uniform(0.01, 0.06))
+
+
+def _rotate_grid(grid, angle: float, size: int):
+    """The sampling grid turned by `angle` about the image centre, in the first plane."""
+    if not angle:
+        return grid
+    c = size / 2
+    ca, sa = np.cos(angle), np.sin(angle)
+    x, y = grid[0] - c, grid[1] - c
+    return [ca * x - sa * y + c, sa * x + ca * y + c, *grid[2:]]
+
+
+def _bias_field(grid, coeffs: np.ndarray, size: int) -> np.ndarray:
+    """A smooth multiplicative field, 1 + linear and quadratic terms per axis (as an MR coil's or an X-ray's)."""
+    field = np.ones_like(grid[0])
+    for g, (c1, c2) in zip(grid, coeffs):
+        u = 2 * g / size - 1
+        field = field + c1 * u + c2 * (u * u - 1 / 3)
+    return np.clip(field, 0.3, None)
+
+
+def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise: float = 0.03, lesion_mask=None,
+           nuisance: bool = False):
     """One acquisition of an anatomy: float32 image in [0, 1] of shape (size,)*dims. With `lesion_mask` (a bool
-    array of that shape), the lesions' extent (within one radius of each centre) is marked in it."""
-    grid = np.meshgrid(*[np.arange(size, dtype=np.float32) + 0.5] * dims, indexing="ij")
+    array of that shape), the lesions' extent (within one radius of each centre) is marked in it. `nuisance`: see
+    `acquisition`."""
+    acq = acquisition(rng, dims, size, nuisance)
+    noise = acq["noise"] if nuisance else noise
+    pixels = np.meshgrid(*[np.arange(size, dtype=np.float32) + 0.5] * dims, indexing="ij")
+    grid = _rotate_grid(pixels, acq["angle"], size)
     b = anatomy["body"]
-    shift = rng.uniform(-0.02, 0.02, dims) * size  # positioning differs between acquisitions
+    shift = acq["shift"]  # positioning differs between acquisitions
     body = _ellipsoid(grid, b["center"] + shift, b["axes"], b["angle"]) <= 1
     tex_rng = np.random.default_rng(anatomy["texture_seed"])
     img = np.where(body, 0.5, 0.0).astype(np.float32)
@@ -62,12 +98,16 @@ def render(anatomy: dict, dims: int, size: int, rng: np.random.Generator, noise:
         img += body * blob * les["value"]
         if lesion_mask is not None:
             lesion_mask |= body & (d2 <= les["radius"] ** 2)
-    img = gaussian_filter(img, 0.6) + rng.normal(0, noise, img.shape).astype(np.float32)
+    img = gaussian_filter(img, 0.6)
+    if nuisance:  # the scanner: contrast curve, gain and offset, and the field over the image
+        img = acq["gain"] * np.clip(img, 0, 1) ** acq["gamma"] * _bias_field(pixels, acq["bias"], size) + acq["offset"]
+    img = img + rng.normal(0, noise, img.shape).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
 
 def make_phantoms(out: str | Path, n: int = 300, dims: int = 2, size: int = 64, seed: int = 0,
-                  diseased_fraction: float = 0.5, scans_per_patient: int = 2, masks_to: str | Path | None = None) -> Path:
+                  diseased_fraction: float = 0.5, scans_per_patient: int = 2, masks_to: str | Path | None = None,
+                  nuisance: bool = False) -> Path:
     """Write n phantom scans (PNG for 2D, NIfTI for 3D) plus labels.csv (path,label,patient). Returns the folder.
     masks_to: a folder (outside `out`, so no command takes them for scans) for each scan's lesion mask as .npy,
     at the scan's path with .npy appended: where the disease is, to check saliency maps against."""
@@ -85,7 +125,7 @@ def make_phantoms(out: str | Path, n: int = 300, dims: int = 2, size: int = 64, 
             if len(rows) >= n:
                 break
             mask = np.zeros((size,) * dims, dtype=bool)
-            img = render(anatomy, dims, size, rng, lesion_mask=mask)
+            img = render(anatomy, dims, size, rng, lesion_mask=mask, nuisance=nuisance)
             if dims == 2:
                 from PIL import Image
 
