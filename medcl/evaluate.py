@@ -442,29 +442,61 @@ def summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=Fals
     return "\n".join(lines) + "\n"
 
 
+def _best_per_budget(summary, encoders) -> list:
+    """Per budget (stratified subsets), the summary row with the highest mean AUC among `encoders`, by labels."""
+    best: dict = {}
+    for s in summary:
+        if s["encoder"] in encoders and s["selection"] == "stratified" and np.isfinite(s["auc_mean"]):
+            key = (s["budget_kind"], s["budget"])
+            if key not in best or s["auc_mean"] > best[key]["auc_mean"]:
+                best[key] = s
+    return sorted(best.values(), key=lambda s: s["n_labeled"])
+
+
+def _curve(ax, ss, style, label, names=False):
+    x = np.array([s["n_labeled"] for s in ss])
+    y = np.array([s["auc_mean"] for s in ss])
+    h = np.nan_to_num(np.array([s["auc_ci95"] for s in ss]))
+    line, = ax.plot(x, y, style, label=label)
+    ax.fill_between(x, np.clip(y - h, 0, 1), np.clip(y + h, 0, 1), alpha=0.15, color=line.get_color())
+    if names:  # which head is best changes between budgets
+        for s, xi, yi in zip(ss, x, y):
+            ax.annotate(s["head"] if s["encoder"] == "pretrained" else f"{s['encoder']}/{s['head']}", (xi, yi),
+                        textcoords="offset points", xytext=(3, 4), fontsize=6, color=line.get_color())
+
+
+def _counts_axis(ax, summary, title):
+    ax.set_xscale("log")
+    counts = sorted({int(s["n_labeled"]) for s in summary})  # ticks at the budgets measured, read as plain counts
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
+    ax.set(xlabel="labeled training scans", ylabel="test AUC", title=title)
+    ax.axhline(0.5, color="k", lw=0.6, ls=":")
+    ax.legend(fontsize=7)
+
+
 def learning_curve(summary, path: Path) -> None:
+    """Left: the one comparison a reader looks for, the best pretrained row against the best control per budget,
+    with their 95% bands. Right: every encoder / head series."""
     from .report import _plt
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    fig, (lead, ax) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    best = _best_per_budget(summary, ("pretrained",))
+    control = _best_per_budget(summary, ("random-init", "scratch"))
+    if best:
+        _curve(lead, best, "o-", "best pretrained row", names=True)
+    if control:
+        _curve(lead, control, "s--", "best control (random-init or scratch)", names=True)
+    _counts_axis(lead, summary, "Best pretrained vs best control (95% CI over seeds)")
     series: dict = {}
     for s in summary:
         series.setdefault((s["encoder"], s["head"], s["selection"]), []).append(s)
     several = len({k[2] for k in series}) > 1
     for (enc, head, sel), ss in sorted(series.items()):
-        ss = sorted(ss, key=lambda s: s["n_labeled"])
-        x = np.array([s["n_labeled"] for s in ss])
-        y = np.array([s["auc_mean"] for s in ss])
-        h = np.nan_to_num(np.array([s["auc_ci95"] for s in ss]))
-        ax.plot(x, y, "o-" if enc == "pretrained" else "s--", label=f"{enc} / {head}" + (f" / {sel}" if several else ""))
-        ax.fill_between(x, np.clip(y - h, 0, 1), np.clip(y + h, 0, 1), alpha=0.15)
-    ax.set_xscale("log")
-    counts = sorted({int(s["n_labeled"]) for s in summary})  # ticks at the budgets measured, read as plain counts
-    ax.set_xticks(counts, [str(c) for c in counts])
-    ax.minorticks_off()
-    ax.set(xlabel="labeled training scans", ylabel="test AUC", title="Few-label learning curve (95% CI over seeds)")
-    ax.axhline(0.5, color="k", lw=0.6, ls=":")
-    ax.legend(fontsize=8)
+        _curve(ax, sorted(ss, key=lambda s: s["n_labeled"]), "o-" if enc == "pretrained" else "s--",
+               f"{enc} / {head}" + (f" / {sel}" if several else ""))
+    _counts_axis(ax, summary, "Every encoder and head")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,55 @@
+"""Issue 31: the demo's gain interval is paired by scan; the learning curve leads with best pretrained vs best control."""
+import csv
+
+import numpy as np
+
+
+def _write_predictions(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "target", "prob_healthy", "prob_diseased", "predicted"])
+        for key, y, p in rows:
+            w.writerow([key, "diseased" if y else "healthy", y, f"{1 - p:.6f}", f"{p:.6f}", "x"])
+
+
+def test_the_demo_gain_interval_is_paired_by_scan(tmp_path):
+    from medcl.demo import paired_gain
+    from medcl.metrics import bootstrap_ci, paired_auc_gain_ci
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    hard = rng.normal(0, 1, 120)  # what makes a scan hard is shared by both encoders
+    p_b = 1 / (1 + np.exp(-(1.0 * (y - 0.5) + hard)))
+    p_a = 1 / (1 + np.exp(-(1.6 * (y - 0.5) + hard)))
+    gain, lo, hi = paired_auc_gain_ci(y, p_a, p_b, n=1000)
+    a_lo, a_hi = bootstrap_ci(y, np.c_[1 - p_a, p_a], n=1000)
+    b_lo, b_hi = bootstrap_ci(y, np.c_[1 - p_b, p_b], n=1000)
+    assert lo < gain < hi and lo > 0  # the pairing sees a gain the two separate intervals overlap on
+    assert hi - lo < (a_hi - a_lo) and a_lo < b_hi
+    assert paired_auc_gain_ci(y, p_a, p_a, n=200)[1:] == (0.0, 0.0)
+    # demo.paired_gain pairs by path, whatever the row order of the two predictions.csv files
+    keys = [f"scans/s{i:03d}.png" for i in range(120)]
+    _write_predictions(tmp_path / "a.csv", list(zip(keys, y, p_a)))
+    order = rng.permutation(120)
+    _write_predictions(tmp_path / "b.csv", [(keys[i], y[i], p_b[i]) for i in order])
+    assert paired_gain(tmp_path / "a.csv", tmp_path / "b.csv") == paired_auc_gain_ci(y, p_a, p_b)
+
+
+def test_the_learning_curve_leads_with_the_best_rows(tmp_path):
+    from medcl.evaluate import _best_per_budget, learning_curve
+
+    summary = []
+    for enc, head, aucs in (("pretrained", "knn", (0.7, 0.8)), ("pretrained", "linear", (0.75, 0.78)),
+                            ("random-init", "linear", (0.6, 0.85)), ("scratch", "finetune", (0.65, 0.7))):
+        for (b, n), auc in zip(((0.01, 12), (0.1, 120)), aucs):
+            summary.append(dict(budget_kind="fraction", budget=b, selection="stratified", encoder=enc, head=head,
+                                n_labeled=n, auc_mean=auc, auc_ci95=0.02, n_seeds=3))
+    best = _best_per_budget(summary, ("pretrained",))
+    control = _best_per_budget(summary, ("random-init", "scratch"))
+    assert [(s["head"], s["auc_mean"]) for s in best] == [("linear", 0.75), ("knn", 0.8)]
+    assert [(s["encoder"], s["auc_mean"]) for s in control] == [("scratch", 0.65), ("random-init", 0.85)]
+    learning_curve(summary, tmp_path / "lc.png")
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "lc.png").size
+    assert w > 1.8 * h  # two panels side by side
