@@ -351,7 +351,8 @@ def check_dims(source: Source, indices, dims: int, expect: str | None) -> dict:
     what = {2: "2D images", 3: "3D volumes"}.get(found[0][0], f"{found[0][0]}D arrays")
     rec = source.records[found[0][1]]
     why = expect or f"this run is {dims}D (data.dims); pass --dims {found[0][0]} for these scans"
-    raise MedclError(f"{source.root or rec.path} holds {what} (first: {rec.path}), but {why}.")
+    first = f"{rec.path}:{rec.key}" if rec.fmt == "npz" else str(rec.path)
+    raise MedclError(f"{rec.path if rec.fmt == 'npz' else source.root} holds {what} (first: {first}), but {why}.")
 
 
 def _bounded_map(pool, fn, items, chunk: int = 2048):
