@@ -130,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole journey on synthetic phantoms (offline)", formatter_class=fmt,
                        parents=[quiet],
-                       description="Generate synthetic phantoms (healthy vs lesion), pretrain, fit a linear probe with "
+                       description="Generate synthetic phantoms (healthy vs a small lesion; every acquisition with "
+                                   "its own position, rotation, gain, contrast, bias field and noise, the factors "
+                                   "contrastive views teach an encoder to ignore), pretrain, fit a linear probe with "
                                    "few labels, run the same probe on a random-init encoder (the control), embed; "
-                                   "print both test AUCs and where to point TensorBoard.",
+                                   "print both test AUCs, the gain with its interval paired by test scan, and where "
+                                   "to point TensorBoard.",
                        epilog=f"example: medcl demo --out runs/demo && tensorboard --logdir runs/demo\n"
                               f"time: {DEMO_TIME} (2D), {DEMO3D_TIME} (--dims 3), measured on 2 CPU cores")
     d.add_argument("--out", required=True, help="folder for everything the demo writes")

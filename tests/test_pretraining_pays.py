@@ -2,6 +2,7 @@
 import csv
 
 import numpy as np
+import pytest
 
 
 def _write_predictions(path, rows):
@@ -53,3 +54,46 @@ def test_the_learning_curve_leads_with_the_best_rows(tmp_path):
 
     w, h = Image.open(tmp_path / "lc.png").size
     assert w > 1.8 * h  # two panels side by side
+
+
+@pytest.mark.slow
+def test_choosing_the_recipe_reads_no_test_split(tmp_path, phantoms2d, monkeypatch):
+    """benchmarks/recipe.py scores a recipe on validation splits: no test scan is ever read, .npz or folder."""
+    import importlib.util
+    from pathlib import Path
+
+    from conftest import medcl
+    from medcl.data.discover import Source
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                  "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    run = tmp_path / "run"
+    medcl("--quiet", "pretrain", phantoms2d, "--out", run, "--epochs", 1, "--set", "encoder.name=resnet10",
+          "--set", "encoder.widen_factor=0.125", "--set", "data.size=16", "--batch-size", 8)
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "set.npz"
+    np.savez(npz, **{f"{s}_images": rng.integers(0, 255, (24, 16, 16)).astype(np.uint8) for s in ("train", "val")},
+             test_images=np.full((24, 16, 16), 7, np.uint8), **{f"{s}_labels": np.arange(24)[:, None] % 2
+                                                                  for s in ("train", "val", "test")})
+    read = Source.read
+
+    def guarded(self, rec):
+        assert rec.split != "test", f"a test scan was read: {rec.key}"
+        return read(self, rec)
+
+    monkeypatch.setattr(Source, "read", guarded)
+    assert 0 <= recipe.validation_score(run, npz, None, []) <= 1
+    # a folder: the test rows of the split medcl evaluate makes are never decoded
+    from medcl.data.labels import make_splits, read_labels_csv
+
+    table = read_labels_csv(phantoms2d / "labels.csv", phantoms2d, "diseased")
+    split = make_splits(table.y(), np.array(table.patients, dtype=object), seed=0)
+    test = {k for k, s in zip(table.keys, split) if s == "test"}
+    monkeypatch.setattr(Source, "read", lambda self, rec: (
+        pytest.fail(f"test scan {rec.key} read") if rec.key in test else read(self, rec)))
+    from medcl.data import store
+
+    monkeypatch.setenv(store.ENV, "off")  # decode now, so that every read goes through the guard
+    assert 0 <= recipe.validation_score(run, phantoms2d, phantoms2d / "labels.csv", ["--positive", "diseased"]) <= 1
