@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole journey on synthetic phantoms (offline)", formatter_class=fmt,
                        parents=[quiet],
-                       description="Generate synthetic phantoms (healthy vs a small lesion; every acquisition with "
-                                   "its own position, rotation, gain, contrast, bias field and noise, the factors "
+                       description="Generate synthetic phantoms (healthy vs a small lesion; in 2D every acquisition "
+                                   "with its own position, rotation, gain, contrast, bias field and noise, the factors "
                                    "contrastive views teach an encoder to ignore), pretrain, fit a linear probe with "
                                    "few labels, run the same probe on a random-init encoder (the control), embed; "
                                    "print both test AUCs, the gain with its interval paired by test scan, and where "
@@ -500,6 +500,9 @@ def _cache_command(action: str) -> None:
 
 
 def main(argv=None) -> int:
+    from .timebudget import now
+
+    started = now()  # `pretrain --time` counts from here: importing torch and decoding are part of the asked time
     warnings.filterwarnings("ignore", module="monai")
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -562,7 +565,7 @@ def main(argv=None) -> int:
 
             pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
                      pairs=pairs, progress=progress, allow_different_data=a.allow_different_data,
-                     add_time=bool(a.resume and a.time))
+                     add_time=bool(a.resume and a.time), started_at=started)
         elif a.command == "finetune":
             cfg = _pretrain_config(a)
             from .finetune import finetune

@@ -318,7 +318,8 @@ def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_c
 
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,
              labels=None, probe_labels=None, epochs: int | None = None, pairs=None, progress: bool = True,
-             log=print, allow_different_data: bool = False, add_time: bool = False) -> Path:
+             log=print, allow_different_data: bool = False, add_time: bool = False,
+             started_at: float | None = None) -> Path:
     """Pretrain an encoder on the scans in `data` (folder or MedMNIST .npz). Returns the run folder.
 
     Writes config.yaml, checkpoints/last.pt (every epoch, atomically), encoder.pt, skipped.csv and TensorBoard events.
@@ -330,7 +331,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     `cfg.train.time_budget` (e.g. "20m"): as many steps as fit, the schedule fitted to them (medcl.timebudget); a
     resumed run finishes its planned steps, or with `add_time` trains that much longer.
     """
-    t_start = timebudget.now()  # a time budget counts from here: decoding and setup are part of the asked time
+    # a time budget counts from the command's start (started_at) or from here: setup and decoding are part of it
+    t_start = started_at if started_at is not None else timebudget.now()
     out = Path(out)
     if resume and never_trained(out):
         log(NEVER_TRAINED.format(out=out))
@@ -644,6 +646,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                         f"slowed down?): stopping here")
                     break
             bar.close()
+            end_from = timebudget.now()
             last_loss = settle()
             if main:
                 atomic_save(_checkpoint_state(method, opt, sched, epoch, steps_per_epoch, global_step, cfg,
@@ -660,6 +663,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 log(f"epoch {epoch + 1}/{n_epochs if n_epochs < 10**9 else '?'}: loss {last_loss:.4f}, "
                     f"{eta_text(run_steps, total - global_step + run_steps, time.perf_counter() - run_start)}")
                 writer.flush()
+            if budget is not None:
+                budget.epoch_end(timebudget.now() - end_from)
             if cfg.train.max_steps and global_step >= cfg.train.max_steps:
                 break
     finally:
