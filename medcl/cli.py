@@ -10,8 +10,8 @@ from .errors import MedclError
 from .runs import check_checkpoint_path, check_classifier_path
 
 # measured on 2 idle CPU cores (README, "Time"); one wording everywhere
-DEMO_TIME = "about 1 minute"
-DEMO3D_TIME = "about 4-5 minutes"
+DEMO_TIME = "under a minute"
+DEMO3D_TIME = "about 2-3 minutes"
 
 EPILOG_PRETRAIN = """examples:
   medcl pretrain scans/ --out runs/simclr                       # 2D folder, default SimCLR recipe

@@ -376,7 +376,8 @@ def saved_run(path: Path) -> tuple[dict, dict]:
 
 # keys a resumed run may change: how it runs and logs, not what it learns
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "train.num_workers", "train.log_every", "train.monitor_every",
-                     "train.checkpoint_every", "train.max_steps", "train.time_budget", "data.num_workers", "data.cache_max_gb"}
+                     "train.checkpoint_every", "train.max_steps", "train.time_budget", "data.num_workers",
+                     "data.cache_max_gb"}
 
 
 def resume_differences(saved: MedclConfig, asked: MedclConfig) -> list:

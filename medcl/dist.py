@@ -67,6 +67,15 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / world_size()
 
 
+def broadcast_ints(values: list, device) -> list:
+    """Rank 0's integers on every rank (a host sync: for rare decisions, such as a time budget's plan)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
+    tdist.broadcast(t, src=0)
+    return t.tolist()
+
+
 def barrier():
     if world_size() > 1:
         tdist.barrier()

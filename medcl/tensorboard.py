@@ -118,7 +118,8 @@ def log_embedding(writer, features: np.ndarray, metadata: list, header: list, th
     folder = logdir / subdir
     folder.mkdir(parents=True, exist_ok=True)
     np.savetxt(folder / "tensors.tsv", np.asarray(features, dtype=np.float32), fmt="%.6g", delimiter="\t")
-    rows = ([header] if len(header) > 1 else []) + [row if isinstance(row, (list, tuple)) else [row] for row in metadata]
+    rows = [row if isinstance(row, (list, tuple)) else [row] for row in metadata]
+    rows = ([header] if len(header) > 1 else []) + rows
     (folder / "metadata.tsv").write_text("".join("\t".join(map(_tsv_cell, r)) + "\n" for r in rows))
     config = getattr(writer, "_medcl_projector", None) or ProjectorConfig()
     info = config.embeddings.add()

@@ -3,8 +3,8 @@
 The rate is measured, not guessed: the first steps run inside the warm-up (whose learning rate does not depend on
 the total), then the step count is set from their pace, and set again from the pace since the last plan every 5% of
 the budget until 60% of it has passed, with what epoch ends cost (checkpoint, export, monitors) planned for apart.
-After that the plan is fixed, so the cosine schedule ends exactly at the last step. Torch-free: the planning is plain arithmetic on a clock
-that tests replace.
+After that the plan is fixed, so the cosine schedule ends exactly at the last step. Torch-free: the planning is plain
+arithmetic on a clock that tests replace.
 """
 from __future__ import annotations
 

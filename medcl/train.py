@@ -293,7 +293,23 @@ def _set_rng_state(st: dict) -> None:
     random.setstate((v, tuple(internal), g))
 
 
-def _fit_schedule(sched, method, total: int, steps_per_epoch: int, schedule: tuple) -> int:
+BUDGET_SYNC = 5  # under torchrun, rank 0's time-budget plan reaches every rank at steps that are multiples of this
+
+
+def _budget_changed(budget, step: int, applied, device) -> bool:
+    """Time the step; True when the plan in force should change. Under torchrun every rank takes rank 0's plan, at
+    the same steps, so that all stop together (a rank stopping alone would leave the others in a collective)."""
+    replanned = budget.step_done(step)
+    if dist.world_size() == 1:
+        return replanned
+    if step % BUDGET_SYNC:
+        return False
+    total, fixed = dist.broadcast_ints([budget.total or 0, budget.fixed], device)
+    budget.total, budget.fixed = (total or None), bool(fixed)
+    return budget.total is not None and budget.total != applied
+
+
+def _fit_schedule(sched, method, total: int, schedule: tuple) -> int:
     """The cosine schedule (and a momentum method's own) made to end exactly at step `total`; returns it."""
     warm, min_ratio = schedule
     sched.lr_lambdas[0] = lr_lambda(min(warm, max(1, total // 10)), total, min_ratio)
@@ -488,7 +504,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     budget, n_epochs = None, cfg.train.epochs
     planned = ckpt.get("planned_total") if ckpt is not None and not add_time else None
     if planned:  # a killed time-budget run finishes the steps it planned, on the same schedule
-        total, n_epochs = _fit_schedule(sched, method, planned, steps_per_epoch, schedule), math.ceil(planned / steps_per_epoch)
+        total, n_epochs = _fit_schedule(sched, method, planned, schedule), math.ceil(planned / steps_per_epoch)
     elif cfg.train.time_budget:
         budget = TimeBudget(parse_duration(cfg.train.time_budget), timebudget.now() if add_time else t_start,
                             steps_per_epoch, max_steps=cfg.train.max_steps)
@@ -516,8 +532,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         (out / "checkpoints").mkdir(exist_ok=True)
         log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on {device}: "
             f"{len(scans)} scans, batch {global_batch}, {steps_per_epoch} steps x "
-            f"{f'the epochs that fit in {cfg.train.time_budget}' if cfg.train.time_budget else f'{cfg.train.epochs} epochs'}, "
-            f"views={stream.backend}")
+            + (f"the epochs that fit in {cfg.train.time_budget}" if budget is not None else f"{n_epochs} epochs")
+            + f", views={stream.backend}")
         log(f"method settings: {method.describe()}" + (f", {n_local} local crops of {local_size} px" if n_local else ""))
         log("views, and the engine each transform runs in:\n" + "\n".join(f"  {line}" for line in stream.report))
         tb.log_text(writer, "views/engines", "\n".join(f"- {line}" for line in stream.report))
@@ -549,13 +565,13 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
 
     def planned_steps_done() -> bool:
         """A time-budget run (or its resumption) stops at its planned step, not at an epoch count."""
-        plan = budget.total if budget is not None else (total if planned else None)
-        return plan is not None and global_step >= plan
+        applied = budget is not None and n_epochs < 10**9 or planned  # the plan in force, the same on every rank
+        return bool(applied) and global_step >= total
 
     def replan():
         """Apply the time budget's (new) step count: the schedule, the epochs, the saved config."""
         nonlocal total, n_epochs
-        total = _fit_schedule(sched, method, budget.total, steps_per_epoch, schedule)
+        total = _fit_schedule(sched, method, budget.total, schedule)
         n_epochs = cfg.train.epochs = budget.epochs
         if main:
             save_config(cfg, saved, trained_on=now_on)
@@ -598,7 +614,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{n_last / max(time.perf_counter() - t_last, 1e-9):.0f}")
                 bar.update()
                 run_steps += 1
-                if budget is not None and budget.step_done(global_step):
+                if budget is not None and _budget_changed(budget, global_step, total if n_epochs < 10**9 else None,
+                                                          device):
                     first_plan = n_epochs == 10**9
                     replan()
                     if main and (first_plan or budget.fixed):

@@ -111,3 +111,25 @@ def test_time_and_epochs_together_are_refused_before_torch(tmp_path, phantoms2d)
         r = subprocess.run([sys.executable, "-c", code, "pretrain", str(phantoms2d), "--out", str(tmp_path / "o"),
                             *extra], capture_output=True, text=True)
         assert r.returncode == 2 and words in r.stderr and "torch not imported" in r.stdout, r.stderr
+
+
+@pytest.mark.slow
+def test_a_time_budget_under_torchrun_stops_every_rank_at_rank_0s_plan(tmp_path, phantoms2d):
+    """Each rank measures its own pace; the plan in force is rank 0's, so both ranks stop at the same step."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from test_dist import _free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "medcl", "pretrain", str(phantoms2d), "--out", str(out), "--time", "25s", "--batch-size", "16",
+           "--set", "encoder.name=resnet10", "--set", "encoder.widen_factor=0.125", "--set", "data.size=16",
+           "--set", "train.log_every=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    steps = [int(x.split(",")[0]) for x in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, ck["planned_total"] + 1)) and ck["global_step"] == ck["planned_total"]
