@@ -86,7 +86,7 @@ def collect(out: Path, datasets, multiples) -> list:
             for g in json.loads(proto.read_text())["gain_over_best_control"]:
                 rows.append({"dataset": name, "multiple": m, "views": views, "epochs": epochs_of(run),
                              "pretrain_min": timings.get(f"pretrain_x{m}_s", float("nan")) / 60, **g})
-    return rows
+    return sorted(rows, key=lambda g: (g["dataset"], g["n_labeled"], g["multiple"]))
 
 
 def budget_name(g) -> str:
@@ -101,9 +101,9 @@ def table(rows) -> str:
     for g in rows:
         ci = g["gain_ci95"]
         iv = f" [{g['gain_mean'] - ci:+.3f}, {g['gain_mean'] + ci:+.3f}]" if ci is not None and ci == ci else ""
-        lines.append(f"| {g['dataset']} | {g['views']:,} (x{g['multiple']}) | {g['epochs']} | {g['pretrain_min']:.1f} | "
-                     f"{budget_name(g)} | {g['n_labeled']:.0f} | {g['best']} | {g['best_auc']:.3f} | {g['control']} | "
-                     f"{g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv} |")
+        lines.append(f"| {g['dataset']} | {g['views']:,} (x{g['multiple']}) | {g['epochs']} | "
+                     f"{g['pretrain_min']:.1f} | {budget_name(g)} | {g['n_labeled']:.0f} | {g['best']} | "
+                     f"{g['best_auc']:.3f} | {g['control']} | {g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from .runs import check_checkpoint_path, check_classifier_path
 
 # measured on 2 idle CPU cores (README, "Time"); one wording everywhere
 DEMO_TIME = "under a minute"
-DEMO3D_TIME = "about 2-3 minutes"
+DEMO3D_TIME = "about 2 minutes"
 
 EPILOG_PRETRAIN = """examples:
   medcl pretrain scans/ --out runs/simclr                       # 2D folder, default SimCLR recipe

@@ -443,10 +443,13 @@ def summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=Fals
 
 
 def _best_per_budget(summary, encoders) -> list:
-    """Per budget (stratified subsets), the summary row with the highest mean AUC among `encoders`, by labels."""
+    """Per budget, the summary row with the highest mean AUC among `encoders` (on stratified subsets when there are
+    any, else on whichever strategy drew them), ordered by labels."""
     best: dict = {}
+    stratified = any(s["selection"] == "stratified" for s in summary)
     for s in summary:
-        if s["encoder"] in encoders and s["selection"] == "stratified" and np.isfinite(s["auc_mean"]):
+        if s["encoder"] in encoders and (s["selection"] == "stratified" or not stratified) \
+                and np.isfinite(s["auc_mean"]):
             key = (s["budget_kind"], s["budget"])
             if key not in best or s["auc_mean"] > best[key]["auc_mean"]:
                 best[key] = s
@@ -472,7 +475,8 @@ def _counts_axis(ax, summary, title):
     ax.minorticks_off()
     ax.set(xlabel="labeled training scans", ylabel="test AUC", title=title)
     ax.axhline(0.5, color="k", lw=0.6, ls=":")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def learning_curve(summary, path: Path) -> None:
