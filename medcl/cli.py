@@ -416,7 +416,7 @@ def _check_path(path, what: str):
         raise MedclError(f"{what} not found: {path}")
 
 
-# the file whose presence makes an --out folder a resumable run, for the commands that offer --resume
+# each command's own output in --out (what --resume looks for, where a command offers it)
 OUT_MARKERS = {"pretrain": "config.yaml", "evaluate": "results.csv", "finetune": "metrics.json",
                "embed": "embeddings.npz", "select": "to_label.csv", "predict": "predictions.csv", "views": "views.png",
                "demo": "demo.json"}
