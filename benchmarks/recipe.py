@@ -88,7 +88,7 @@ def load_labeled_without_test(load_labeled, data, labels, settings, positive):
     listed.write_text("\n".join(keep) + "\n")
     ld = load_labeled(data, labels, settings, positive, progress=False, log=lambda *a: None,
                       select=Selection.make(files=str(listed)))
-    assert not set(ld.scans.records[i].key for i in range(len(ld.scans))) - set(keep)  # no held-out test scan
+    assert {r.key for r in ld.scans.records} <= set(keep)  # no held-out test scan
     # load_labeled re-splits the non-test rows (seed 0); its own "test" part is validation data here, never the
     # held-out test split, which was dropped above
     ld.split = np.where(ld.split == "test", "val", ld.split)

@@ -14,8 +14,8 @@ from .errors import MedclError
 # views seen per pretraining run (each scan gives two per epoch); on our 2-core CPU the CPU budget takes 1.7-3.8
 # minutes per 2D dataset of the suite on idle cores (6-25 with other jobs sharing them; docs/results.md); the compute
 # curve (benchmarks/budget.py, docs/results.md) measures what more buys. A GPU gets the published small-image budget
-# (a MedMNIST SSL benchmark: 400 epochs of PneumoniaMNIST, ~3.8M views): about 7-15 minutes of a 2D ResNet-18 on one
-# H200 at the 4,700 samples/s measured there (../shared/notes), not yet measured end to end in medcl.
+# (a MedMNIST SSL benchmark: 400 epochs of PneumoniaMNIST, ~3.8M views); its wall time is not yet measured in medcl
+# (docs/gpu.md).
 # Epochs = views / (2 x scans), within [EPOCHS_MIN, EPOCHS_MAX[device]].
 VIEWS_BUDGET = {("cpu", 2): 40_000, ("cpu", 3): 6_000, ("cuda", 2): 4_000_000, ("cuda", 3): 400_000}
 EPOCHS_MIN, EPOCHS_MAX = 3, {"cpu": 200, "cuda": 800}

@@ -416,23 +416,17 @@ def _check_path(path, what: str):
         raise MedclError(f"{what} not found: {path}")
 
 
-# each command's own output in --out (what --resume looks for, where a command offers it)
-OUT_MARKERS = {"pretrain": "config.yaml", "evaluate": "results.csv", "finetune": "metrics.json",
-               "embed": "embeddings.npz", "select": "to_label.csv", "predict": "predictions.csv", "views": "views.png",
-               "demo": "demo.json"}
-
-
 def _preflight_out(a):
     """--out checked as the command would (exists, inside DATA, a failed start), before torch loads."""
-    from .runs import NEVER_TRAINED, check_out_dir, never_trained
+    from .runs import COMMAND_OUTPUTS, NEVER_TRAINED, check_out_dir, never_trained
 
-    if a.command not in OUT_MARKERS:
+    if a.command not in COMMAND_OUTPUTS:
         return
     resume = getattr(a, "resume", False)
     if a.command == "pretrain" and resume and never_trained(a.out):
         print(NEVER_TRAINED.format(out=a.out))
         a.resume = resume = False
-    marker = "settings.json" if a.command == "evaluate" and resume else OUT_MARKERS[a.command]
+    marker = "settings.json" if a.command == "evaluate" and resume else COMMAND_OUTPUTS[a.command]
     check_out_dir(a.out, getattr(a, "data", None), resume, getattr(a, "overwrite", False), marker,
                   resumable=a.command in ("pretrain", "evaluate"))
 

@@ -119,13 +119,21 @@ def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False))
 
 
+# each command's own output in --out (what --resume looks for, where a command offers it)
+COMMAND_OUTPUTS = {"pretrain": "config.yaml", "evaluate": "results.csv", "finetune": "metrics.json",
+                   "embed": "embeddings.npz", "select": "to_label.csv", "predict": "predictions.csv",
+                   "views": "views.png", "demo": "demo.json"}
+
+
 def folder_kind(p) -> str | None:
-    """Which command's output a folder is ('pretrain', 'finetune', 'evaluate', ...), from its files; None if unknown."""
+    """Which command's output a folder is ('pretrain', 'finetune', 'evaluate', ...), from its files; None if unknown.
+    A run still in progress counts too (a checkpoint, an evaluation's settings)."""
     p = Path(p)
-    kinds = (("finetune", "classifier.pt"), ("pretrain", "encoder.pt"), ("pretrain", "checkpoints/last.pt"),
-             ("pretrain", "config.yaml"), ("evaluate", "settings.json"), ("embed", "embeddings.npz"),
-             ("select", "to_label.csv"), ("predict", "predictions.csv"), ("demo", "demo.json"), ("views", "views.png"))
-    return next((kind for kind, name in kinds if (p / name).is_file()), None) if p.is_dir() else None
+    if not p.is_dir():
+        return None
+    kinds = [("finetune", "classifier.pt"), ("pretrain", "encoder.pt"), ("pretrain", "checkpoints/last.pt"),
+             ("evaluate", "settings.json")] + [(kind, name) for kind, name in COMMAND_OUTPUTS.items()]
+    return next((kind for kind, name in kinds if (p / name).is_file()), None)
 
 
 def check_checkpoint_path(ck, command: str) -> None:

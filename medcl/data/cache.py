@@ -5,6 +5,7 @@ in the run folder, so memory stays bounded for folders larger than RAM.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -184,8 +185,9 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
             except OSError:  # gone since it was listed: decoding reports it by path
                 pass
     # under torchrun the ranks split what the cache lacks as they find it: a peek would read a scan twice
-    uncached = [i for i in range(n) if keys[i] is None or not store.has(keys[i])] if dist.world_size() == 1 else []
-    peeked = check_dims(source, uncached[:3], dims, expect)
+    # (the first three only: a warm command on 100k scans does not stat every entry twice)
+    uncached = (i for i in range(n) if keys[i] is None or not store.has(keys[i])) if dist.world_size() == 1 else ()
+    peeked = check_dims(source, list(itertools.islice(uncached, 3)), dims, expect)
     large = nbytes > cache_max_gb * 2**30
     lazy = large and store is not None and all(k is not None for k in keys)  # read per batch from the scan cache
     images = None  # stays None when lazy: nothing held in memory
