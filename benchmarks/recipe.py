@@ -95,7 +95,7 @@ def load_labeled_without_test(load_labeled, data, labels, settings, positive):
     return ld
 
 
-def run_variant(name: str, variant: str, out: Path) -> float | None:
+def run_variant(name: str, variant: str, out: Path, multiple: int = MULTIPLE) -> float | None:
     data, labels, task, _ = DATASETS[name]
     if not Path(data).exists():
         return None
@@ -116,7 +116,7 @@ def run_variant(name: str, variant: str, out: Path) -> float | None:
         return done[variant]
     if not (run / "encoder.pt").is_file():
         extra = [a.replace("LARS_LR", f"{0.3 * batch / 256:.4g}") for a in VARIANTS[variant]]
-        medcl(["pretrain", data, "--out", run, "--overwrite", "--epochs", MULTIPLE * epochs,
+        medcl(["pretrain", data, "--out", run, "--overwrite", "--epochs", multiple * epochs,
                *non_test_files(name, data, labels, d), *extra], d / f"{run.name}.log")
     done[variant] = validation_score(run, data, labels, task)
     scores.write_text(json.dumps(done, indent=1))
@@ -143,13 +143,14 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "runs" / "recipe"))
     ap.add_argument("--datasets", nargs="*", default=DEFAULT_DATASETS, choices=list(DATASETS))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--multiple", type=int, default=MULTIPLE, help="views as a multiple of the CPU default's")
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
     if not a.report:
         for variant in a.variants:
             for name in a.datasets:
-                run_variant(name, variant, out)
+                run_variant(name, variant, out, a.multiple)
     print(report(out, a.datasets))
     return 0
 
