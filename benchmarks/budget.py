@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import DATASETS, ROOT, medcl, non_test_files  # noqa: E402
 
 BUDGETS = ["--fractions", "0.01", "1.0", "--per-class", "10"]
-HEADS = ["knn", "linear", "spread", "selftrain"]
+HEADS = ["knn", "linear", "proto", "spread", "selftrain"]
 
 
 def epochs_of(run: Path) -> int:

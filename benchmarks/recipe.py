@@ -36,25 +36,25 @@ DEFAULT_DATASETS = ["pneumoniamnist", "retinamnist", "chest_xray_pneumonia_224",
 MULTIPLE = 4
 
 
-def validation_score(run: Path, data, labels, task: list) -> float:
-    """Linear-probe AUC on the validation split: fitted on train labels, scored on val. Never opens test scans."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.preprocessing import StandardScaler
-
+def validation_features(run: Path, data, labels, task: list, random_init: bool = False) -> tuple:
+    """({train, val} frozen features, {train, val} binary labels) of the encoder in `run` (or the same network at
+    random weights, seeded as `medcl evaluate` seeds its control). Never opens a test scan."""
     import torch
 
     from medcl.data.cache import build_for_encoder
     from medcl.data.discover import open_source
-    from medcl.encoders import load_encoder
+    from medcl.encoders import Encoder, load_encoder
     from medcl.finetune import load_labeled
-    from medcl.runtime import encode
+    from medcl.runtime import encode, seed_everything
 
     encoder, extra = load_encoder(run)
+    if random_init:
+        seed_everything(0)
+        encoder = Encoder(**encoder.spec)
     settings = extra.get("data", {})
     positive = task[task.index("--positive") + 1] if "--positive" in task else None
+    feats, ys = {}, {}
     if str(data).endswith(".npz"):
-        feats, ys = {}, {}
         for split in ("train", "val"):
             src = open_source(data, int(settings.get("dims", 2)), split)
             assert all(r.split == split for r in src.records)  # the test split is never opened
@@ -68,6 +68,16 @@ def validation_score(run: Path, data, labels, task: list) -> float:
         f = encode(encoder, ld.scans, torch.device("cpu"))
         feats = {s: f[ld.split == s] for s in ("train", "val")}
         ys = {s: ld.y[ld.split == s] for s in ("train", "val")}
+    return feats, ys
+
+
+def validation_score(run: Path, data, labels, task: list) -> float:
+    """Linear-probe AUC on the validation split: fitted on train labels, scored on val. Never opens test scans."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    feats, ys = validation_features(run, data, labels, task)
     scaler = StandardScaler().fit(feats["train"])
     clf = LogisticRegression(max_iter=2000, C=0.1).fit(scaler.transform(feats["train"]), ys["train"])
     return float(roc_auc_score(ys["val"], clf.predict_proba(scaler.transform(feats["val"]))[:, 1]))

@@ -50,7 +50,7 @@ DATASETS = {
                       "see MedMNIST v2 (ResNet-18+3D, all labels); binary masks, not intensities"),
 }
 BUDGETS = ["--fractions", "0.01", "0.1", "--per-class", "10"]
-HEADS = ["knn", "linear", "spread", "selftrain", "finetune"]
+HEADS = ["knn", "linear", "proto", "spread", "selftrain", "finetune"]
 NOTES = "<!-- written by hand below this line; benchmarks/suite.py keeps it -->"
 
 

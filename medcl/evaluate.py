@@ -34,7 +34,7 @@ from .runs import prepare_out_dir, write_json
 from .runtime import encode, pick_device, seed_everything
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
-DEFAULT_HEADS = ("knn", "linear", "spread", "selftrain")
+DEFAULT_HEADS = ("knn", "linear", "proto", "spread", "selftrain")
 METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
 HEARTBEAT_S = 10  # in lines mode, a line at least this often while one budget's heads run
 SETTINGS = "settings.json"  # what makes the numbers: a resume must match it

@@ -31,9 +31,10 @@ from .progress import Progress
 from .runtime import seed_everything
 from .views import BatchedViews
 
-SUPERVISED = ("linear", "knn", "mlp")
+SUPERVISED = ("linear", "knn", "mlp", "proto")
 SEMI_SUPERVISED = ("spread", "selftrain")
 FEATURE_HEADS = SUPERVISED + SEMI_SUPERVISED
+USES_POOL = SEMI_SUPERVISED + ("proto",)  # heads that read the unlabeled pool's features (proto: only their mean)
 HEADS = FEATURE_HEADS + ("finetune",)
 CV_FOLDS = 5  # feature heads (cheap); fine-tuning uses FINETUNE_FOLDS
 FINETUNE_FOLDS = 3
@@ -128,6 +129,22 @@ def _fit_mlp(f, y, fu, alpha, n_classes, seed):
     return (lambda x: _full_proba(clf, scaler.transform(x), n_classes)), {"alpha": alpha}
 
 
+def _fit_proto(f, y, fu, t, n_classes, seed):
+    """Nearest class mean in cosine geometry, after centring on the mean of the labeled and unlabeled features
+    (SimpleShot's CL2N). Nothing is fitted but the means, so nothing is chosen from a handful of labels."""
+    mu = np.vstack([f, fu]).mean(0)
+    z = _unit(f - mu)
+    present = np.bincount(y, minlength=n_classes) > 0
+    protos = _unit(np.stack([z[y == c].mean(0) if present[c] else np.zeros(f.shape[1]) for c in range(n_classes)]))
+
+    def predict(x):
+        s = np.where(present, _unit(x - mu) @ protos.T / t, -np.inf)
+        e = np.exp(s - s.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    return predict, {"temperature": t}
+
+
 def _fit_spread(f, y, fu, k, n_classes, seed):
     """Labels spread over the kNN graph of labeled + unlabeled scans (cosine geometry: unit-normalised features)."""
     from sklearn.semi_supervised import LabelSpreading
@@ -169,7 +186,7 @@ def _fit_selftrain(f, y, fu, c, n_classes, seed, rounds: int = 3, share: float =
 
 FITTERS = {"linear": (_fit_linear, (1e-3, 1e-2, 1e-1, 1.0)), "knn": (_fit_knn, (5, 10, 20)),
            "mlp": (_fit_mlp, (1e-3, 1e-1, 1.0)), "spread": (_fit_spread, (10, 30)),
-           "selftrain": (_fit_selftrain, (1e-2, 1e-1))}
+           "selftrain": (_fit_selftrain, (1e-2, 1e-1)), "proto": (_fit_proto, (0.1,))}
 
 
 def fit_feature_head(head: str, feats: np.ndarray, y: np.ndarray, labeled, unlabeled, groups, n_classes: int,
@@ -178,7 +195,7 @@ def fit_feature_head(head: str, feats: np.ndarray, y: np.ndarray, labeled, unlab
     fit, grid = FITTERS[head]
     labeled, unlabeled = np.asarray(labeled, dtype=int), np.asarray(unlabeled, dtype=int)
     fl, yl = feats[labeled], y[labeled]
-    fu = feats[unlabeled] if head in SEMI_SUPERVISED else np.zeros((0, feats.shape[1]))
+    fu = feats[unlabeled] if head in USES_POOL else np.zeros((0, feats.shape[1]))
     if head in POOL_CAP and len(fu) > POOL_CAP[head]:
         fu = fu[np.sort(np.random.default_rng([seed, 99]).choice(len(fu), POOL_CAP[head], replace=False))]
     folds = cv_folds(yl, None if groups is None else np.asarray(groups)[labeled], seed)

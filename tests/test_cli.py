@@ -162,7 +162,7 @@ def test_cli_usability(tmp_path, phantoms2d):
     r = subprocess.run([sys.executable, "-m", "medcl", "embed", "--help", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0  # --quiet after the command
     r = medcl("evaluate", "--help")
-    assert "(default: 5)" in r.stdout and "(default: knn linear spread selftrain)" in r.stdout and "(default: 30)" in r.stdout
+    assert "(default: 5)" in r.stdout and "(default: knn linear proto spread selftrain)" in r.stdout and "(default: 30)" in r.stdout
     for opt in ("--data", "--labels", "--out"):
         line = r.stdout.split(f"  {opt} ")[1].splitlines()[0].strip()
         assert line, f"{opt} has no help"
