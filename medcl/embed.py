@@ -55,28 +55,6 @@ def save_map_png(xy, labels, method, path: Path):
     plt.close(fig)
 
 
-def write_projector(writer, feats, scans, dims: int, header: list, meta: list, max_points: int = 10000, keep=None,
-                    log=print) -> np.ndarray:
-    """The TensorBoard projector: one point per scan with its metadata row and thumbnail. Past `max_points` a seeded
-    random subsample is shown (the browser slows down past ~10k points), always including the rows `keep`.
-    Returns the rows shown."""
-    n = len(meta)
-    show = np.arange(n)
-    if n > max_points:
-        keep = np.asarray([] if keep is None else keep, dtype=int)[:max_points]
-        rest = np.setdiff1d(np.arange(n), keep)
-        extra = np.random.default_rng(0).choice(rest, max_points - len(keep), replace=False)
-        show = np.sort(np.concatenate([keep, extra]))
-        log(f"projector shows {max_points} of {n} scans (--max-points)")
-    thumbs = np.concatenate([tb.thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
-    if thumbs.shape[1] == 1:
-        thumbs = np.repeat(thumbs, 3, axis=1)
-    if thumbs.shape[-1] > 64:  # sprite cells of at most 64 px keep the sprite loadable
-        thumbs = torch.nn.functional.interpolate(torch.as_tensor(thumbs), size=(64, 64), mode="area").numpy()
-    tb.log_embedding(writer, feats[show], [meta[i] for i in show], header, thumbs)
-    return show
-
-
 def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int = 10000, positive=None,
           overwrite=False, device="auto", progress=True, log=print, select=None) -> Path:
     """Encode every scan of `data`. With `classifier` (a finetune folder), the projector also shows its predicted
@@ -86,10 +64,10 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     dev = pick_device(device)
     roles = {}
     if classifier is not None:
-        from .finetune import load_classifier, read_splits
+        from .finetune import read_classifier_file, read_splits
 
         p = Path(classifier)
-        model, meta = load_classifier(p / "classifier.pt" if p.is_dir() else p)
+        model, meta = read_classifier_file(p / "classifier.pt" if p.is_dir() else p)
         encoder, settings = model.encoder, meta["extra"].get("data", {})
         ft_dir = p if p.is_dir() else p.parent
         if (ft_dir / "splits.csv").is_file():
@@ -139,7 +117,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     phases.done("save embeddings.npz")
     writer = tb.open_writer(out / "tb")
     try:
-        show = write_projector(writer, feats, scans, dims, header, meta, max_points, log=log)
+        show = tb.write_projector(writer, feats, scans, dims, header, meta, max_points, log=log)
         if len(show) < len(keys):
             log(f"embeddings.npz holds all {len(keys)}")
     finally:

@@ -230,7 +230,7 @@ def save_classifier(model: Classifier, spec: dict, extra: dict, class_names, thr
                  "classes": list(class_names), "threshold": float(threshold)}, path)
 
 
-def load_classifier(path) -> tuple[Classifier, dict]:
+def read_classifier_file(path) -> tuple[Classifier, dict]:
     from .encoders import safe_load
     from .errors import CheckpointError
 

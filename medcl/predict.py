@@ -24,11 +24,11 @@ class LoadedClassifier:
     PNG/JPEG/TIFF, .npy, one DICOM file). Either is preprocessed exactly as the classifier's training scans were."""
 
     def __init__(self, path, device="cpu"):
-        from .finetune import load_classifier
+        from .finetune import read_classifier_file
 
         p = Path(path)
         self.path = p / "classifier.pt" if p.is_dir() else p
-        self.model, meta = load_classifier(self.path)
+        self.model, meta = read_classifier_file(self.path)
         self.device = torch.device(device)
         self.model = self.model.to(self.device).eval()
         self.classes = list(meta["classes"])

@@ -246,7 +246,6 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     from .data.cache import build_for_encoder, write_skipped
     from .data.discover import open_source
     from .data.labels import read_scan_list
-    from .embed import write_projector
     from .encoders import load_encoder
     from .runs import prepare_out_dir, write_json
     from .runtime import encode, pick_device
@@ -356,7 +355,7 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
         tb.log_figure(writer, "selection/to_label", fig)
         tb.log_text(writer, "selection/summary", f"{strategy}: {budget} scans to label; " +
                     ", ".join(f"{k} {v}" for k, v in picked.info.items()))
-        write_projector(writer, feats[shown], scans, dims, ["path", "selection", "rank", "patient"],
+        tb.write_projector(writer, feats[shown], scans, dims, ["path", "selection", "rank", "patient"],
                         [meta[i] for i in shown], max_points, keep=[at[int(i)] for i in picked.order if int(i) in at],
                         log=log)
     finally:

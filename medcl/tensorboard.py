@@ -136,3 +136,25 @@ def log_embedding(writer, features: np.ndarray, metadata: list, header: list, th
         info.sprite.single_image_dim.extend([t.shape[3], t.shape[2]])
     writer._medcl_projector = config
     (logdir / "projector_config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def write_projector(writer, feats, scans, dims: int, header: list, meta: list, max_points: int = 10000, keep=None,
+                    log=print) -> np.ndarray:
+    """The TensorBoard projector: one point per scan with its metadata row and thumbnail. Past `max_points` a seeded
+    random subsample is shown (the browser slows down past ~10k points), always including the rows `keep`.
+    Returns the rows shown."""
+    n = len(meta)
+    show = np.arange(n)
+    if n > max_points:
+        keep = np.asarray([] if keep is None else keep, dtype=int)[:max_points]
+        rest = np.setdiff1d(np.arange(n), keep)
+        extra = np.random.default_rng(0).choice(rest, max_points - len(keep), replace=False)
+        show = np.sort(np.concatenate([keep, extra]))
+        log(f"projector shows {max_points} of {n} scans (--max-points)")
+    thumbs = np.concatenate([thumbnail(scans.batch(show[s:s + 1024]), dims) for s in range(0, len(show), 1024)])
+    if thumbs.shape[1] == 1:
+        thumbs = np.repeat(thumbs, 3, axis=1)
+    if thumbs.shape[-1] > 64:  # sprite cells of at most 64 px keep the sprite loadable
+        thumbs = torch.nn.functional.interpolate(torch.as_tensor(thumbs), size=(64, 64), mode="area").numpy()
+    log_embedding(writer, feats[show], [meta[i] for i in show], header, thumbs)
+    return show
