@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import heads
 from . import tensorboard as tb
@@ -54,7 +53,7 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
                  allow_outside: bool = False, strict: bool = False, max_bad_fraction: float = 0.2,
                  progress: bool = True, log=print, negative=None, multiclass: bool = False,
                  select=None, checkpoint=None) -> LabeledData:
-    dims, size = int(data_settings.get("dims", 2)), int(data_settings.get("size", 64))
+    dims = int(data_settings.get("dims", 2))
     source = open_source(data, dims, "all", select)
     if labels_csv:
         table = read_labels_csv(labels_csv, source.root if not source.arrays else None, positive, allow_outside,
@@ -169,11 +168,10 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
     if head in heads.FEATURE_HEADS:
         f = features if features is not None else encode(encoder, ld.scans, device)
         fit = heads.fit_feature_head(head, f, ld.y, lab, pool, groups, ld.n_classes, seed)
-        if head == "linear" and encoder is not None:  # the same probe as a torch module over the encoder: classifier.pt, saliency, predict
+        layer = fit.head.to_module() if head == "linear" and encoder is not None else None
+        if layer is not None:  # the same probe as a torch module over the encoder: classifier.pt, saliency, predict
             fit.classifier = heads.Classifier(encoder, ld.n_classes)
-            fit.classifier.head.weight.data = torch.tensor(fit.info.pop("weight"), dtype=torch.float32)
-            fit.classifier.head.bias.data = torch.tensor(fit.info.pop("bias"), dtype=torch.float32)
-        fit.info.pop("weight", None), fit.info.pop("bias", None)
+            fit.classifier.head = layer
         return fit, fit.predict(f[te])
     if head == "finetune":
         fit = heads.fit_finetune(encoder, ld.scans, ld.y, lab, groups, ld.n_classes, device, seed, epochs,

@@ -33,12 +33,10 @@ from .views import BatchedViews
 
 SUPERVISED = ("linear", "knn", "mlp", "proto")
 SEMI_SUPERVISED = ("spread", "selftrain")
-FEATURE_HEADS = SUPERVISED + SEMI_SUPERVISED
-USES_POOL = SEMI_SUPERVISED + ("proto",)  # heads that read the unlabeled pool's features (proto: only their mean)
+FEATURE_HEADS = SUPERVISED + SEMI_SUPERVISED  # each a class in HEAD_TYPES below
 HEADS = FEATURE_HEADS + ("finetune",)
 CV_FOLDS = 5  # feature heads (cheap); fine-tuning uses FINETUNE_FOLDS
 FINETUNE_FOLDS = 3
-POOL_CAP = {"spread": 5000, "selftrain": 2000}  # unlabeled scans a semi-supervised head uses (a seeded sample)
 
 
 @dataclass
@@ -46,6 +44,7 @@ class HeadFit:
     oof: np.ndarray  # (n_labeled, n_classes) out-of-fold probabilities; NaN when too few labels to cross-validate
     predict: object  # rows or features -> probabilities
     info: dict = field(default_factory=dict)
+    head: FeatureHead | None = None  # the fitted feature head (None for finetune)
     classifier: nn.Module | None = None  # encoder + linear head, for classifier.pt (linear and finetune)
 
 
@@ -85,133 +84,212 @@ def _unit(f):
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
-def _prior(y, n_classes):
-    p = np.bincount(y, minlength=n_classes).astype(float)
-    return lambda f: np.tile(p / p.sum(), (len(f), 1))
+# ---- heads on frozen features: scikit-learn-style objects, one class each, in HEAD_TYPES ---------------------------
+# A head is built with its hyperparameter (`param`, chosen from `grid` by OOF AUC) and fitted on labeled features;
+# heads with `uses_pool` also get the unlabeled pool's features. `to_module` gives an nn.Linear over the features
+# where the head is one (so it can become classifier.pt), else None.
+
+class FeatureHead:
+    name, param, grid, uses_pool, pool_cap = "", "", (None,), False, None
+
+    def __init__(self, value, n_classes: int, seed: int = 0):
+        self.value, self.n_classes, self.seed = value, n_classes, seed
+
+    def fit(self, x, y, x_unlabeled=None):
+        raise NotImplementedError
+
+    def predict_proba(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {self.param: self.value}
+
+    def to_module(self) -> nn.Linear | None:
+        return None
 
 
-# ---- fitters: (labeled features, labels, unlabeled features, hyperparameter, classes, seed) -> (predict, info) -----
+class LinearHead(FeatureHead):
+    """Logistic regression on standardised features, class-balanced."""
+    name, param, grid = "linear", "C", (1e-3, 1e-2, 1e-1, 1.0)
 
-def _fit_linear(f, y, fu, c, n_classes, seed):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    def fit(self, x, y, x_unlabeled=None):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(f)
-    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed).fit(scaler.transform(f), y)
-    w = clf.coef_ / scaler.scale_
-    b = clf.intercept_ - (clf.coef_ * scaler.mean_ / scaler.scale_).sum(1)
-    if w.shape[0] == 1:  # binary: logits [0, w.x + b]
-        w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])
-    return (lambda x: _full_proba(clf, scaler.transform(x), n_classes)), {"C": c, "weight": w, "bias": b}
+        self.scaler = StandardScaler().fit(x)
+        self.clf = LogisticRegression(C=self.value, class_weight="balanced", max_iter=2000,
+                                      random_state=self.seed).fit(self.scaler.transform(x), y)
+        return self
 
+    def predict_proba(self, x):
+        return _full_proba(self.clf, self.scaler.transform(x), self.n_classes)
 
-def _fit_knn(f, y, fu, k, n_classes, seed):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(y)), weights="distance").fit(_unit(f), y)
-    return (lambda x: _full_proba(clf, _unit(x), n_classes)), {"k": k}
-
-
-def _fit_mlp(f, y, fu, alpha, n_classes, seed):
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(f)
-    rng = np.random.default_rng(seed)  # balance classes by resampling: MLPClassifier has no class weights
-    counts = np.bincount(y, minlength=n_classes)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), counts.max(), replace=True)
-                          for c in range(n_classes) if counts[c] > 0])
-    with warnings.catch_warnings():  # 200 iterations is the budget on purpose: alpha is chosen by cross-validation,
-        warnings.simplefilter("ignore", ConvergenceWarning)  # and a few labels are fitted long before it converges
-        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, max_iter=200, random_state=seed).fit(
-            scaler.transform(f[idx]), y[idx])
-    return (lambda x: _full_proba(clf, scaler.transform(x), n_classes)), {"alpha": alpha}
+    def to_module(self) -> nn.Linear:
+        """The same probe as one linear layer on raw features (the scaler folded in)."""
+        w = self.clf.coef_ / self.scaler.scale_
+        b = self.clf.intercept_ - (self.clf.coef_ * self.scaler.mean_ / self.scaler.scale_).sum(1)
+        if w.shape[0] == 1:  # binary: logits [0, w.x + b]
+            w, b = np.vstack([np.zeros_like(w), w]), np.concatenate([[0.0], b])
+        layer = nn.Linear(w.shape[1], w.shape[0])
+        layer.weight.data = torch.tensor(w, dtype=torch.float32)
+        layer.bias.data = torch.tensor(b, dtype=torch.float32)
+        return layer
 
 
-def _fit_proto(f, y, fu, t, n_classes, seed):
+class KnnHead(FeatureHead):
+    """Cosine kNN, neighbours weighted by distance."""
+    name, param, grid = "knn", "k", (5, 10, 20)
+
+    def fit(self, x, y, x_unlabeled=None):
+        from sklearn.neighbors import KNeighborsClassifier
+
+        self.clf = KNeighborsClassifier(n_neighbors=min(self.value, len(y)), weights="distance").fit(_unit(x), y)
+        return self
+
+    def predict_proba(self, x):
+        return _full_proba(self.clf, _unit(x), self.n_classes)
+
+
+class MlpHead(FeatureHead):
+    """One hidden layer on standardised features, classes balanced by resampling (MLPClassifier has no weights)."""
+    name, param, grid = "mlp", "alpha", (1e-3, 1e-1, 1.0)
+
+    def fit(self, x, y, x_unlabeled=None):
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+        from sklearn.preprocessing import StandardScaler
+
+        self.scaler = StandardScaler().fit(x)
+        rng = np.random.default_rng(self.seed)
+        counts = np.bincount(y, minlength=self.n_classes)
+        idx = np.concatenate([rng.choice(np.flatnonzero(y == c), counts.max(), replace=True)
+                              for c in range(self.n_classes) if counts[c] > 0])
+        with warnings.catch_warnings():  # 200 iterations is the budget on purpose: alpha is chosen by cross-validation,
+            warnings.simplefilter("ignore", ConvergenceWarning)  # and a few labels are fitted long before it converges
+            self.clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=self.value, max_iter=200,
+                                     random_state=self.seed).fit(self.scaler.transform(x[idx]), y[idx])
+        return self
+
+    def predict_proba(self, x):
+        return _full_proba(self.clf, self.scaler.transform(x), self.n_classes)
+
+
+class ProtoHead(FeatureHead):
     """Nearest class mean in cosine geometry, after centring on the mean of the labeled and unlabeled features
     (SimpleShot's CL2N). Nothing is fitted but the means, so nothing is chosen from a handful of labels."""
-    mu = np.vstack([f, fu]).mean(0)
-    z = _unit(f - mu)
-    present = np.bincount(y, minlength=n_classes) > 0
-    protos = _unit(np.stack([z[y == c].mean(0) if present[c] else np.zeros(f.shape[1]) for c in range(n_classes)]))
+    name, param, grid, uses_pool = "proto", "temperature", (0.1,), True
 
-    def predict(x):
-        s = np.where(present, _unit(x - mu) @ protos.T / t, -np.inf)
+    def fit(self, x, y, x_unlabeled=None):
+        pool = x if x_unlabeled is None else np.vstack([x, x_unlabeled])
+        self.mu = pool.mean(0)
+        z = _unit(x - self.mu)
+        self.present = np.bincount(y, minlength=self.n_classes) > 0
+        self.protos = _unit(np.stack([z[y == c].mean(0) if self.present[c] else np.zeros(x.shape[1])
+                                      for c in range(self.n_classes)]))
+        return self
+
+    def predict_proba(self, x):
+        s = np.where(self.present, _unit(x - self.mu) @ self.protos.T / self.value, -np.inf)
         e = np.exp(s - s.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
-    return predict, {"temperature": t}
 
-
-def _fit_spread(f, y, fu, k, n_classes, seed):
+class SpreadHead(FeatureHead):
     """Labels spread over the kNN graph of labeled + unlabeled scans (cosine geometry: unit-normalised features)."""
-    from sklearn.semi_supervised import LabelSpreading
+    name, param, grid, uses_pool, pool_cap = "spread", "k", (10, 30), True, 5000
 
-    x = _unit(np.vstack([f, fu]))
-    clf = LabelSpreading(kernel="knn", n_neighbors=min(k, len(x) - 1), alpha=0.2, max_iter=100)
-    clf.fit(x, np.concatenate([y, -np.ones(len(fu), dtype=int)]))
-    prior = np.bincount(y, minlength=n_classes) / len(y)
+    def fit(self, x, y, x_unlabeled=None):
+        from sklearn.semi_supervised import LabelSpreading
 
-    def predict(q):  # a scan whose neighbours carry no label mass (a component without labels) gets the prior
-        p = np.nan_to_num(_full_proba(clf, _unit(q), n_classes))
-        empty = p.sum(1) <= 0
-        p[empty] = prior
+        fu = np.zeros((0, x.shape[1])) if x_unlabeled is None else x_unlabeled
+        xs = _unit(np.vstack([x, fu]))
+        self.clf = LabelSpreading(kernel="knn", n_neighbors=min(self.value, len(xs) - 1), alpha=0.2, max_iter=100)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a component without labels: its rows get the prior
+            self.clf.fit(xs, np.concatenate([y, -np.ones(len(fu), dtype=int)]))
+        self.prior, self.n_unlabeled = np.bincount(y, minlength=self.n_classes) / len(y), len(fu)
+        return self
+
+    def predict_proba(self, x):  # a scan whose neighbours carry no label mass (a component without labels): the prior
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = np.nan_to_num(_full_proba(self.clf, _unit(x), self.n_classes))
+        p[p.sum(1) <= 0] = self.prior
         return p / p.sum(1, keepdims=True)
 
-    return predict, {"k": k, "n_unlabeled": len(fu)}
+    def info(self):
+        return {**super().info(), "n_unlabeled": self.n_unlabeled}
 
 
-def _fit_selftrain(f, y, fu, c, n_classes, seed, rounds: int = 3, share: float = 0.5):
+class SelfTrainHead(FeatureHead):
     """Logistic regression, then `rounds` re-fits that add the most confident unlabeled scans with their predicted
     class, in proportion to the labeled class balance, until `share` of the pool carries a pseudo-label."""
-    predict, _ = _fit_linear(f, y, None, c, n_classes, seed)
-    prior = np.bincount(y, minlength=n_classes) / len(y)
-    pseudo = np.full(len(fu), -1)  # a pseudo-label, once given, is kept
-    for r in range(1, rounds + 1):
-        if not len(fu):
-            break
-        p = predict(fu)
-        guess = p.argmax(1)
-        for cls in range(n_classes):
-            want = int(round(share * len(fu) * prior[cls] * r / rounds)) - int((pseudo == cls).sum())
-            cand = np.flatnonzero((pseudo < 0) & (guess == cls))
-            pseudo[cand[np.argsort(-p[cand, cls])][:max(0, want)]] = cls
-        taken = pseudo >= 0
-        predict, _ = _fit_linear(np.vstack([f, fu[taken]]), np.concatenate([y, pseudo[taken]]), None, c, n_classes,
-                                 seed)
-    return predict, {"C": c, "n_pseudo": int((pseudo >= 0).sum()), "n_unlabeled": len(fu)}
+    name, param, grid, uses_pool, pool_cap = "selftrain", "C", (1e-2, 1e-1), True, 2000
+    rounds, share = 3, 0.5
+
+    def fit(self, x, y, x_unlabeled=None):
+        fu = np.zeros((0, x.shape[1])) if x_unlabeled is None else x_unlabeled
+        self.linear = LinearHead(self.value, self.n_classes, self.seed).fit(x, y)
+        prior = np.bincount(y, minlength=self.n_classes) / len(y)
+        pseudo = np.full(len(fu), -1)  # a pseudo-label, once given, is kept
+        for r in range(1, self.rounds + 1):
+            if not len(fu):
+                break
+            p = self.linear.predict_proba(fu)
+            guess = p.argmax(1)
+            for cls in range(self.n_classes):
+                want = int(round(self.share * len(fu) * prior[cls] * r / self.rounds)) - int((pseudo == cls).sum())
+                cand = np.flatnonzero((pseudo < 0) & (guess == cls))
+                pseudo[cand[np.argsort(-p[cand, cls])][:max(0, want)]] = cls
+            taken = pseudo >= 0
+            self.linear = LinearHead(self.value, self.n_classes, self.seed).fit(
+                np.vstack([x, fu[taken]]), np.concatenate([y, pseudo[taken]]))
+        self.n_pseudo, self.n_unlabeled = int((pseudo >= 0).sum()), len(fu)
+        return self
+
+    def predict_proba(self, x):
+        return self.linear.predict_proba(x)
+
+    def info(self):
+        return {**super().info(), "n_pseudo": self.n_pseudo, "n_unlabeled": self.n_unlabeled}
 
 
-FITTERS = {"linear": (_fit_linear, (1e-3, 1e-2, 1e-1, 1.0)), "knn": (_fit_knn, (5, 10, 20)),
-           "mlp": (_fit_mlp, (1e-3, 1e-1, 1.0)), "spread": (_fit_spread, (10, 30)),
-           "selftrain": (_fit_selftrain, (1e-2, 1e-1)), "proto": (_fit_proto, (0.1,))}
+HEAD_TYPES = {h.name: h for h in (LinearHead, KnnHead, MlpHead, ProtoHead, SpreadHead, SelfTrainHead)}
+
+
+class _Prior:
+    """What a fold with one class can predict: its class shares."""
+
+    def __init__(self, y, n_classes):
+        self.p = np.bincount(y, minlength=n_classes) / len(y)
+
+    def predict_proba(self, x):
+        return np.tile(self.p, (len(x), 1))
 
 
 def fit_feature_head(head: str, feats: np.ndarray, y: np.ndarray, labeled, unlabeled, groups, n_classes: int,
                      seed: int = 0) -> HeadFit:
     """A head on frozen features. Only rows `labeled` (with y) and `unlabeled` (features only) are read."""
-    fit, grid = FITTERS[head]
+    kind = HEAD_TYPES[head]
     labeled, unlabeled = np.asarray(labeled, dtype=int), np.asarray(unlabeled, dtype=int)
     fl, yl = feats[labeled], y[labeled]
-    fu = feats[unlabeled] if head in USES_POOL else np.zeros((0, feats.shape[1]))
-    if head in POOL_CAP and len(fu) > POOL_CAP[head]:
-        fu = fu[np.sort(np.random.default_rng([seed, 99]).choice(len(fu), POOL_CAP[head], replace=False))]
+    fu = feats[unlabeled] if kind.uses_pool else np.zeros((0, feats.shape[1]))
+    if kind.pool_cap and len(fu) > kind.pool_cap:
+        fu = fu[np.sort(np.random.default_rng([seed, 99]).choice(len(fu), kind.pool_cap, replace=False))]
     folds = cv_folds(yl, None if groups is None else np.asarray(groups)[labeled], seed)
     oof = np.full((len(yl), n_classes), np.nan)
     best = None
-    for v in grid if folds else grid[len(grid) // 2:len(grid) // 2 + 1]:
+    grid = kind.grid if folds else kind.grid[len(kind.grid) // 2:len(kind.grid) // 2 + 1]
+    for v in grid:
         cand = np.full((len(yl), n_classes), np.nan)
         for tr, ho in folds:
-            pf = fit(fl[tr], yl[tr], fu, v, n_classes, seed)[0] if len(np.unique(yl[tr])) > 1 else _prior(yl[tr], n_classes)
-            cand[ho] = pf(fl[ho])
+            one_class = len(np.unique(yl[tr])) < 2
+            h = _Prior(yl[tr], n_classes) if one_class else kind(v, n_classes, seed).fit(fl[tr], yl[tr], fu)
+            cand[ho] = h.predict_proba(fl[ho])
         s = auc_or_accuracy(yl, cand) if folds else 0.0
         if best is None or s > best[0]:
             best, oof = (s, v), cand
-    predict, info = fit(fl, yl, fu, best[1], n_classes, seed)
-    info = {**info, "oof_score": float(best[0]) if folds else None, "folds": len(folds)}
-    return HeadFit(oof, predict, info)
+    fitted = kind(best[1], n_classes, seed).fit(fl, yl, fu)
+    info = {**fitted.info(), "oof_score": float(best[0]) if folds else None, "folds": len(folds)}
+    return HeadFit(oof, fitted.predict_proba, info, head=fitted)
 
 
 # ---- fine-tuning the network ------------------------------------------------------------------------------------
@@ -302,4 +380,4 @@ def fit_finetune(encoder, scans, y, labeled, groups, n_classes: int, device, see
                              progress=progress)
     return HeadFit(oof, lambda rows: predict_rows(model.to(device), scans, np.asarray(rows, dtype=int), device),
                    {"fold_best_epochs": best_epochs, "epochs": final_epochs, "folds": len(cv),
-                    "encoder_lr_ratio": 0.1 if pretrained else 1.0}, model)
+                    "encoder_lr_ratio": 0.1 if pretrained else 1.0}, classifier=model)

@@ -77,10 +77,14 @@ def multiclass_metrics(y: np.ndarray, proba: np.ndarray) -> dict:
     out = {"n": int(len(y)), "accuracy": float(skm.accuracy_score(y, pred)),
            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
            "f1": float(skm.f1_score(y, pred, average="macro", zero_division=0))}
-    try:
-        out["auc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=np.arange(proba.shape[1])))
-    except ValueError:
-        out["auc"] = float("nan")
+    # macro one-vs-rest AUC is undefined when a class is missing from y (a small test split, a bootstrap resample)
+    out["auc"] = float("nan")
+    if len(np.unique(y)) == proba.shape[1]:
+        try:
+            out["auc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro",
+                                                 labels=np.arange(proba.shape[1])))
+        except ValueError:
+            pass
     out["confusion"] = skm.confusion_matrix(y, pred, labels=np.arange(proba.shape[1])).tolist()
     return out
 

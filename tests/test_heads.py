@@ -1,7 +1,7 @@
 """Few-label heads on frozen features (medcl.heads), called directly: no network, no scans."""
 import numpy as np
 
-from medcl.heads import FEATURE_HEADS, USES_POOL, fit_feature_head
+from medcl.heads import FEATURE_HEADS, HEAD_TYPES, fit_feature_head
 from medcl.metrics import score
 
 
@@ -33,7 +33,7 @@ def test_proto_centres_on_the_pool_so_a_shared_offset_does_not_matter():
     lab = np.concatenate([np.flatnonzero(y == 1)[:2], np.flatnonzero(y == 0)[:2]])
     pool = np.setdiff1d(np.arange(300), lab)
     test = np.arange(300, 400)
-    assert "proto" in USES_POOL
+    assert HEAD_TYPES["proto"].uses_pool
     p = fit_feature_head("proto", f, y, lab, pool, None, 2).predict(f[test])
     shifted = fit_feature_head("proto", f + 50.0, y, lab, pool, None, 2).predict(f[test] + 50.0)
     np.testing.assert_allclose(p, shifted, atol=1e-6)
@@ -46,3 +46,16 @@ def test_proto_with_one_class_labeled_predicts_that_class():
     lab = np.flatnonzero(y == 0)[:3]
     fit = fit_feature_head("proto", f, y, lab, np.arange(300, 400), None, 2)
     np.testing.assert_allclose(fit.predict(f[:5])[:, 0], 1.0)
+
+
+def test_the_linear_head_is_one_linear_layer_on_raw_features():
+    """classifier.pt, saliency and predict use the probe as nn.Linear over the encoder: it must give what it gave."""
+    import torch
+
+    f, y = _clusters()
+    fit = fit_feature_head("linear", f, y, np.arange(40), np.arange(40, 300), None, 2)
+    layer = fit.head.to_module()
+    with torch.no_grad():
+        p = torch.softmax(layer(torch.tensor(f[300:], dtype=torch.float32)), 1).numpy()
+    np.testing.assert_allclose(p, fit.predict(f[300:]), atol=1e-4)
+    assert HEAD_TYPES["knn"](5, 2).to_module() is None

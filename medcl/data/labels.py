@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import posixpath
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,7 +270,9 @@ def make_splits(y: np.ndarray, groups: np.ndarray, test_fraction: float = 0.2, v
         if k < 2:
             raise LabelsError(f"too few patients ({n_groups}) to hold out a {name} split.")
         cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=s)
-        _, pick = next(cv.split(np.zeros(len(idx)), y[idx], groups[idx]))
+        with warnings.catch_warnings():  # a class with fewer scans than folds cannot be stratified: it falls on one
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)  # side, which is all we need
+            _, pick = next(cv.split(np.zeros(len(idx)), y[idx], groups[idx]))
         out[idx[pick]] = name
 
     carve(np.arange(n), test_fraction, "test", seed)
