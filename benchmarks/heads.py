@@ -44,7 +44,7 @@ def scores(name: str, feats: dict, heads, seeds: int) -> list:
     from sklearn.metrics import roc_auc_score
 
     from medcl.data.labels import select_budget
-    from medcl.heads import fit_feature_head
+    from medcl.feature_heads import fit_feature_head
 
     y_tr, y_va = feats["y_train"], feats["y_val"]
     rows = []

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import tensorboard as tb
 from .encoders import Encoder, load_encoder
+from .feature_heads import DEFAULT_HEADS
 from .errors import MedclError
 from .finetune import budget_rows, choose_threshold, load_labeled, run_head, write_splits
 from .metrics import bootstrap_ci, mean_ci, parse_operating_point, score
@@ -34,7 +35,6 @@ from .runs import prepare_out_dir, write_json
 from .runtime import encode, pick_device, seed_everything
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
-DEFAULT_HEADS = ("knn", "linear", "proto", "spread", "selftrain")
 METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
 HEARTBEAT_S = 10  # in lines mode, a line at least this often while one budget's heads run
 SETTINGS = "settings.json"  # what makes the numbers: a resume must match it

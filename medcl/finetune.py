@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import heads
+from . import feature_heads, heads
 from . import tensorboard as tb
 from .config import MedclConfig
 from .data.cache import ScanSet, build_for_encoder, write_skipped
@@ -163,11 +163,11 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
     groups = ld.groups if len(set(ld.groups)) < len(ld.groups) else None
     if len(np.unique(ld.y[lab])) < 2:  # a label-blind selection can miss a class: nothing to learn but the prior
         prior = np.bincount(ld.y[lab], minlength=ld.n_classes) / len(lab)
-        return heads.HeadFit(np.full((len(lab), ld.n_classes), np.nan), None,
+        return feature_heads.HeadFit(np.full((len(lab), ld.n_classes), np.nan), None,
                              {"single_class": True, "folds": 0}), np.tile(prior, (len(te), 1))
-    if head in heads.FEATURE_HEADS:
+    if head in feature_heads.HEAD_TYPES:
         f = features if features is not None else encode(encoder, ld.scans, device)
-        fit = heads.fit_feature_head(head, f, ld.y, lab, pool, groups, ld.n_classes, seed)
+        fit = feature_heads.fit_feature_head(head, f, ld.y, lab, pool, groups, ld.n_classes, seed)
         layer = fit.head.to_module() if head == "linear" and encoder is not None else None
         if layer is not None:  # the same probe as a torch module over the encoder: classifier.pt, saliency, predict
             fit.classifier = heads.Classifier(encoder, ld.n_classes)
@@ -252,7 +252,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
     """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict.
 
     mode: probe (linear head on frozen features), finetune (the network end to end), or a head name of
-    medcl.heads.HEADS (e.g. spread, selftrain: semi-supervised heads that also use the unlabeled scans)."""
+    medcl.heads.HEADS (e.g. proto, spread, selftrain: semi-supervised heads that also use the unlabeled scans)."""
     cfg = cfg or MedclConfig()
     head = {"probe": "linear"}.get(mode, mode)
     if head not in heads.HEADS:

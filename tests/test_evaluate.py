@@ -132,7 +132,7 @@ def test_the_gain_verdict_reads_the_interval_not_the_mean():
 @pytest.mark.parametrize("head", ["linear", "knn", "mlp", "spread", "selftrain"])
 def test_heads_never_see_a_test_scan_or_label(head):
     """Test rows carry NaN features and an impossible label: a head that read either would fail or return NaN."""
-    from medcl.heads import fit_feature_head
+    from medcl.feature_heads import fit_feature_head
 
     rng = np.random.default_rng(0)
     n, d = 300, 16

@@ -1,7 +1,7 @@
 """Few-label heads on frozen features (medcl.heads), called directly: no network, no scans."""
 import numpy as np
 
-from medcl.heads import FEATURE_HEADS, HEAD_TYPES, fit_feature_head
+from medcl.feature_heads import FEATURE_HEADS, HEAD_TYPES, fit_feature_head
 from medcl.metrics import score
 
 
