@@ -110,7 +110,7 @@ OP_HELP = ("decision threshold, from out-of-fold predictions of the labeled scan
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .feature_heads import DEFAULT_HEADS, FEATURE_HEADS
+    from .feature_heads import DEFAULT_HEADS, HEAD_TYPES, head_names
     from .select import STRATEGIES
 
     ap = argparse.ArgumentParser(prog="medcl", description="Contrastive pretraining for 2D/3D medical scans, "
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-fraction", type=float, help="share of the non-test scans' labels to use, e.g. 0.01 "
                                                         "(default: all); the other non-test scans are unlabeled")
     g.add_argument("--labels-per-class", type=int, help="labels per class to use, e.g. 10")
-    f.add_argument("--mode", choices=("probe", "finetune") + FEATURE_HEADS[1:], default="probe",
+    f.add_argument("--mode", choices=("probe", "finetune", *(h for h in HEAD_TYPES if h != "linear")), default="probe",
                    help="probe: logistic regression on frozen features; finetune: train the whole network (a "
                         "pretrained encoder at a tenth of the head's learning rate); knn, mlp, proto (nearest class "
                         "mean): other frozen-feature heads; spread (label spreading on the kNN graph) and selftrain "
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label fractions (default: 0.01 0.05 0.1 0.25 1.0 unless --per-class is given)")
     v.add_argument("--per-class", type=int, nargs="*", default=None, help="labels-per-class budgets, e.g. 5 10 25 50")
     v.add_argument("--seeds", type=int, default=5, help="random labeled subsets per budget")
-    v.add_argument("--heads", nargs="*", default=list(DEFAULT_HEADS), choices=FEATURE_HEADS + ("finetune",),
+    v.add_argument("--heads", nargs="*", default=list(DEFAULT_HEADS), choices=head_names(),
                    help="heads on the pretrained encoder (frozen-feature heads run on the random-init control too): "
                         "knn linear mlp proto, semi-supervised spread selftrain, and finetune")
     v.add_argument("--baseline", choices=("finetune", "none"), default="finetune",

@@ -59,12 +59,12 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     """selection: None (stratified random subsets, the default), or label-blind strategies of medcl.select
     (centroid, typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
     protocol and controls. resume: continue the evaluation in `out` (see the module docstring)."""
-    from .heads import FEATURE_HEADS, HEADS
+    from .feature_heads import HEAD_TYPES, head_names
     from .select import STRATEGIES
 
-    unknown = [h for h in heads if h not in HEADS]
+    unknown = [h for h in heads if h not in head_names()]
     if unknown:
-        raise MedclError(f"--heads {' '.join(unknown)}: unknown; choose from {', '.join(HEADS)}")
+        raise MedclError(f"--heads {' '.join(unknown)}: unknown; choose from {', '.join(head_names())}")
     try:
         parse_operating_point(operating_point)
     except ValueError as e:
@@ -96,7 +96,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     seed_everything(0)
     control_feats = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev, progress=progress,
                            desc="encode (random-init control)")
-    feature_heads = [h for h in heads if h in FEATURE_HEADS]
+    feature_heads = [h for h in heads if h in HEAD_TYPES]
     budgets = _budgets(fractions, per_class)
     rows = []
     plan = [(b, sel, s) for b in budgets for sel in selections for s in range(seeds)]

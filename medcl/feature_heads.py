@@ -290,4 +290,6 @@ def fit_feature_head(head: str, feats: np.ndarray, y: np.ndarray, labeled, unlab
     return HeadFit(oof, fitted.predict_proba, info, head=fitted)
 
 
-FEATURE_HEADS = tuple(HEAD_TYPES)  # linear first: `finetune --mode probe` is its name there
+def head_names() -> tuple:
+    """Every head `evaluate --heads` accepts: the registered feature heads, then `finetune` (medcl.heads)."""
+    return (*HEAD_TYPES, "finetune")

@@ -177,7 +177,7 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
         fit = heads.fit_finetune(encoder, ld.scans, ld.y, lab, groups, ld.n_classes, device, seed, epochs,
                                  pretrained=pretrained, progress=progress)
         return fit, fit.predict(te)
-    raise MedclError(f"unknown head '{head}' (choose {', '.join(heads.HEADS)})")
+    raise MedclError(f"unknown head '{head}' (choose {', '.join(feature_heads.head_names())})")
 
 
 def choose_threshold(ld: LabeledData, lab, fit: heads.HeadFit, operating_point: str = "youden") -> tuple:
@@ -252,11 +252,11 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
     """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict.
 
     mode: probe (linear head on frozen features), finetune (the network end to end), or a head name of
-    medcl.heads.HEADS (e.g. proto, spread, selftrain: semi-supervised heads that also use the unlabeled scans)."""
+    medcl.feature_heads.HEAD_TYPES (e.g. proto; spread and selftrain also learn from the unlabeled scans)."""
     cfg = cfg or MedclConfig()
     head = {"probe": "linear"}.get(mode, mode)
-    if head not in heads.HEADS:
-        raise MedclError(f"--mode {mode}: choose probe, finetune, or a head: {', '.join(heads.HEADS)}")
+    if head not in feature_heads.head_names():
+        raise MedclError(f"--mode {mode}: choose probe, finetune, or a head: {', '.join(feature_heads.head_names())}")
     if label_fraction is not None and labels_per_class is not None:
         raise MedclError("give either --label-fraction or --labels-per-class, not both.")
     try:

@@ -14,12 +14,11 @@ import torch
 from torch import nn
 
 from .config import ViewsConfig
-from .feature_heads import FEATURE_HEADS, HeadFit, auc_or_accuracy, cv_folds
+from .feature_heads import HeadFit, auc_or_accuracy, cv_folds
 from .progress import Progress
 from .runtime import seed_everything
 from .views import BatchedViews
 
-HEADS = FEATURE_HEADS + ("finetune",)
 FINETUNE_FOLDS = 3
 
 
