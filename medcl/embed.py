@@ -11,6 +11,7 @@ from . import tensorboard as tb
 from .data.cache import build_for_encoder, write_skipped
 from .data.discover import open_source
 from .data.labels import labels_from_records, read_labels_csv
+from .data.preprocessing import Preprocessing
 from .encoders import load_encoder
 from .runs import prepare_out_dir
 from .progress import Phases
@@ -68,7 +69,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
 
         p = Path(classifier)
         model, meta = read_classifier_file(p / "classifier.pt" if p.is_dir() else p)
-        encoder, settings = model.encoder, meta["extra"].get("data", {})
+        encoder, prep = model.encoder, Preprocessing.of(meta["extra"].get("data", {}))
         ft_dir = p if p.is_dir() else p.parent
         if (ft_dir / "splits.csv").is_file():
             roles = read_splits(ft_dir / "splits.csv")
@@ -77,11 +78,11 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     else:
         model = None
         encoder, extra = load_encoder(checkpoint)
-        settings = extra.get("data", {})
-    dims = int(settings.get("dims", 2))
+        prep = Preprocessing.of(extra.get("data", {}))
+    dims = prep.dims
     phases = Phases()
     source = open_source(data, dims, "all", select)
-    scans = build_for_encoder(source, settings, checkpoint or classifier, cache_dir=out / "cache", progress=progress,
+    scans = build_for_encoder(source, prep, checkpoint or classifier, cache_dir=out / "cache", progress=progress,
                               log=log)
     write_skipped(scans.skipped, out / "skipped.csv")
     keys = [r.key for r in scans.records]

@@ -39,17 +39,17 @@ def export_classifier(classifier, out, overwrite: bool = False, log=print) -> Pa
     if out.exists() and not overwrite:
         raise RunDirError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
     clf = load_classifier(classifier)
-    d = clf.data
-    dims, size, channels = int(d.get("dims", 2)), int(d.get("size", 64)), int(d.get("channels", 1))
+    prep = clf.preprocessing
+    dims, size, channels = prep.dims, prep.size, prep.channels
     module = Probabilities(clf.model).eval()
-    example = torch.rand((2, channels) + (size,) * dims, generator=torch.Generator().manual_seed(0))
+    example = torch.rand((2,) + prep.input_shape, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
     meta = {"format": EXPORT_FORMAT, "medcl_version": __version__, "classes": clf.classes,
             "threshold": clf.threshold, "threshold_rule": clf.threshold_rule, "operating_point": clf.operating_point,
             "input": {"shape": ["N", channels] + [size] * dims, "dims": dims, "size": size, "channels": channels,
-                      "intensity": d.get("intensity", "percentile"), "range": [0.0, 1.0]},
+                      "intensity": prep.intensity, "range": [0.0, 1.0]},
             "output": "probabilities (N, classes); the last class is the diseased one in a binary task"}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch's loader wants the .pt2 ending; renamed when checked

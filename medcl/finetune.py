@@ -13,6 +13,7 @@ from . import tensorboard as tb
 from .config import MedclConfig
 from .data.cache import ScanSet, build_for_encoder, write_skipped
 from .data.discover import open_source
+from .data.preprocessing import Preprocessing
 from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
 from .encoders import Encoder, atomic_save, build_encoder, load_encoder
 from .errors import LabelsError, MedclError
@@ -43,8 +44,7 @@ def load_encoder_or_scratch(checkpoint, cfg: MedclConfig):
     if checkpoint is None or str(checkpoint).lower() == "none":
         seed_everything(cfg.train.seed)
         enc = build_encoder(cfg)
-        return enc, {"dims": cfg.data.dims, "size": cfg.data.size, "channels": cfg.data.channels,
-                     "intensity": cfg.data.intensity}, "none"
+        return enc, Preprocessing.of(cfg.data).to_dict(), "none"
     enc, extra = load_encoder(checkpoint)
     return enc, extra.get("data", {}), str(checkpoint)
 
@@ -53,8 +53,7 @@ def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_see
                  allow_outside: bool = False, strict: bool = False, max_bad_fraction: float = 0.2,
                  progress: bool = True, log=print, negative=None, multiclass: bool = False,
                  select=None, checkpoint=None) -> LabeledData:
-    dims = int(data_settings.get("dims", 2))
-    source = open_source(data, dims, "all", select)
+    source = open_source(data, Preprocessing.of(data_settings).dims, "all", select)
     if labels_csv:
         table = read_labels_csv(labels_csv, source.root if not source.arrays else None, positive, allow_outside,
                                 negative, multiclass)

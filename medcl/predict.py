@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.preprocessing import Preprocessing
 from .errors import CheckpointError, MedclError
 from .metrics import bootstrap_ci, operating_threshold, parse_operating_point, score
 
@@ -34,7 +35,8 @@ class LoadedClassifier:
         self.classes = list(meta["classes"])
         self.threshold = float(meta["threshold"])
         extra = meta.get("extra", {})
-        self.data = dict(extra.get("data", {}))
+        self.data = dict(extra.get("data", {}))  # as saved; `preprocessing` is the value every reader uses
+        self.preprocessing = Preprocessing.of(self.data)
         self.threshold_rule = extra.get("threshold_rule", "chosen at fine-tuning")
         self.operating_point = extra.get("operating_point")
         self.oof = extra.get("oof")  # {"y": [...], "p": [...]}: labeled scans' out-of-fold P(positive)
@@ -62,7 +64,8 @@ class LoadedClassifier:
         from .data.cache import to_model_array
         from .data.readers import read_scan
 
-        dims = int(self.data.get("dims", 2))
+        p = self.preprocessing
+        dims = p.dims
         if isinstance(item, (str, Path)):
             arr, spacing = read_scan(item)
             name = str(item)
@@ -70,9 +73,7 @@ class LoadedClassifier:
             arr, spacing = np.asarray(item, dtype=np.float32), None
             if arr.ndim == dims:
                 arr = arr[None]
-        return to_model_array(arr, spacing, name, dims, int(self.data.get("size", 64)),
-                              int(self.data.get("channels", 1)), self.data.get("intensity", "percentile"),
-                              skip_label_maps=False)
+        return to_model_array(arr, spacing, name, dims, p.size, p.channels, p.intensity, skip_label_maps=False)
 
     @torch.no_grad()
     def predict_arrays(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -129,7 +130,7 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
     if saliency is not None and not clf.binary:
         raise MedclError("--saliency needs a binary (healthy vs diseased) classifier.")
     thr, rule = clf.threshold_for(operating_point)
-    dims = int(clf.data.get("dims", 2))
+    dims = clf.preprocessing.dims
     source = open_source(data, dims, "all", select)
     table = None
     if labels:
@@ -138,7 +139,7 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="predictions.csv")
     clf.device = pick_device(device)
     clf.model = clf.model.to(clf.device)
-    scans = build_for_encoder(source, clf.data, classifier, strict=strict, cache_dir=out / "cache",
+    scans = build_for_encoder(source, clf.preprocessing, classifier, strict=strict, cache_dir=out / "cache",
                               progress=progress, log=log)
     write_skipped(scans.skipped, out / "skipped.csv")
     keys = [r.key for r in scans.records]

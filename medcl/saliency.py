@@ -106,7 +106,7 @@ def write_maps(clf, scans, source, rows, proba, out: Path, method: str = DEFAULT
     from .data.readers import read_scan
 
     out.mkdir(parents=True, exist_ok=True)
-    dims, size = int(clf.data.get("dims", 2)), int(clf.data.get("size", 64))
+    dims, size = clf.preprocessing.dims, clf.preprocessing.size
     table = []
     for s in range(0, len(rows), 16):
         chunk = rows[s:s + 16]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.preprocessing import Preprocessing
 from .errors import MedclError
 
 STRATEGIES = ("centroid", "typiclust", "kcenter", "random")
@@ -256,8 +257,8 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
         raise SelectionError(f"--budget {budget}: must be at least 1.")
     t0 = time.perf_counter()
     encoder, extra = load_encoder(checkpoint)
-    settings = extra.get("data", {})
-    dims = int(settings.get("dims", 2))
+    prep = Preprocessing.of(extra.get("data", {}))
+    dims = prep.dims
     source = open_source(data, dims, "all", select)
     root = source.root if not source.arrays else None
     keys = [r.key for r in source.records]
@@ -302,7 +303,7 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="to_label.csv")
 
     def decode(src):
-        return build_for_encoder(src, settings, checkpoint, cache_dir=out / "cache", progress=progress, log=log)
+        return build_for_encoder(src, prep, checkpoint, cache_dir=out / "cache", progress=progress, log=log)
 
     if stored is None:
         scans = decode(source)

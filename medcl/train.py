@@ -17,6 +17,7 @@ from . import dist
 from .config import MedclConfig, load_config, resume_differences, save_config, saved_run
 from .data.cache import ScanSet, build_cache, write_skipped
 from .data.discover import open_source, selection_of, trained_on
+from .data.preprocessing import Preprocessing
 from .encoders import atomic_save, build_encoder, export_encoder, safe_load
 from .errors import CheckpointError, MedclError, TrainingDiverged
 from .memory import fit_batch, measure_step
@@ -525,9 +526,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     probe = None
     if probe_labels is not None and cache_dims == cfg.data.dims:
         probe = probe_labels.probe_set(scans)
-    extra = {"data": {"dims": cfg.data.dims, "size": cfg.data.size, "channels": cfg.data.channels,
-                      "intensity": cfg.data.intensity, "skip_label_maps": cfg.data.skip_label_maps},
-             "method": cfg.method.name, "trained_on": now_on}
+    extra = {"data": Preprocessing.of(cfg.data).to_dict(), "method": cfg.method.name, "trained_on": now_on}
     if main:
         (out / "checkpoints").mkdir(exist_ok=True)
         log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on {device}: "

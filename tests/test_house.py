@@ -68,3 +68,25 @@ def test_no_new_long_function():
     grew = {k: (n, LONG[k]) for k, n in found.items() if k in LONG and n > LONG[k]}
     new = {k: n for k, n in found.items() if k not in LONG}
     assert not grew and not new, f"longer than {MAX_LINES} lines: new {new}; grew (now, allowed) {grew}"
+
+
+def test_the_data_settings_are_read_in_one_place():
+    """Every command reads an encoder's preprocessing through medcl.data.preprocessing.Preprocessing, not by
+    re-reading the saved dict with its own fallbacks (which once differed between commands)."""
+    import re
+
+    from medcl.config import DataConfig
+    from medcl.data.preprocessing import Preprocessing
+
+    pattern = re.compile(r"""\.get\(["'](dims|size|channels|intensity|skip_label_maps)["']""")
+    # (cli.py reads the user's own flags and the cache's index, not an encoder's settings)
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in ROOT.rglob("*.py")
+                 if p.name not in ("preprocessing.py", "cli.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders
+    saved = {"dims": 3, "size": 32, "channels": 1, "intensity": "minmax"}  # an older file: no skip_label_maps
+    p = Preprocessing.of(saved)
+    assert (p.dims, p.size, p.intensity, p.skip_label_maps, p.input_shape) == (3, 32, "minmax", True, (1, 32, 32, 32))
+    assert Preprocessing.of(p.to_dict()) == p == Preprocessing.of(p)
+    cfg = DataConfig()
+    assert Preprocessing.of(cfg) == Preprocessing(cfg.dims, cfg.size, cfg.channels, cfg.intensity, cfg.skip_label_maps)

@@ -309,15 +309,16 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     return ScanSet(images, list(recs), skipped, rows, files=files, item_shape=item_shape, decoded=decoded)
 
 
-def build_for_encoder(source: Source, settings: dict, checkpoint=None, **kw) -> ScanSet:
-    """build_cache with the preprocessing an encoder was pretrained with (its saved data settings), so that every
+def build_for_encoder(source: Source, settings, checkpoint=None, **kw) -> ScanSet:
+    """build_cache with the preprocessing an encoder was pretrained with (a Preprocessing or its dict), so that every
     command after pretraining reads scans exactly as pretraining did."""
-    dims = int(settings.get("dims", 2))
+    from .preprocessing import Preprocessing
+
+    p = Preprocessing.of(settings)
     expect = None if str(checkpoint).lower() == "none" else \
-        f"the encoder{f' in {checkpoint}' if checkpoint else ''} was pretrained on {dims}D scans; pretrain one on " \
-        f"these scans (medcl pretrain DATA --dims {5 - dims})"
-    return build_cache(source, dims, int(settings.get("size", 64)), int(settings.get("channels", 1)),
-                       settings.get("intensity", "percentile"), skip_label_maps=settings.get("skip_label_maps", True),
+        f"the encoder{f' in {checkpoint}' if checkpoint else ''} was pretrained on {p.dims}D scans; pretrain one on " \
+        f"these scans (medcl pretrain DATA --dims {5 - p.dims})"
+    return build_cache(source, p.dims, p.size, p.channels, p.intensity, skip_label_maps=p.skip_label_maps,
                        expect=expect, **kw)
 
 
