@@ -1,6 +1,7 @@
 """The compute curve: how long must pretraining run before it pays on data like mine?
 
-Per dataset and per multiple M of the CPU default's views (1, 4, 16; 64 with --multiples ... 64):
+Per dataset and per multiple M of the CPU default's views (1, 4, 16; 64 with --multiples ... 64; the default is
+medcl/auto.py's VIEWS_BUDGET at the time: the curve in docs/results.md was measured when it was 40k views in 2D):
 1. `medcl pretrain DATA` with no recipe (the folder defaults, medcl/auto.py), `--epochs` = M x the 1x run's epochs,
    on the non-test scans only;
 2. `medcl evaluate` at 1%, 20 labels (10 per class) and every label, seeds x heads (knn, linear, and the

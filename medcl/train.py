@@ -623,8 +623,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
                     timed_from = time.perf_counter()  # the first step pays for warm-up: time the ones after it
                 elif run_steps == estimate_after and main and budget is None:
                     per_step = (time.perf_counter() - timed_from) / (run_steps - 1)
-                    log(f"estimated time: about {duration(per_step * (total - global_step + run_steps))} in all on "
-                        f"this machine, {duration(per_step * steps_per_epoch)} an epoch (steps 2-{run_steps} timed)")
+                    log(f"estimated time: about {duration(per_step * (total - global_step + run_steps))} in all, "
+                        f"{duration(per_step * steps_per_epoch)} per epoch (timed over steps 2-{run_steps})")
                 log_now = global_step % cfg.train.log_every == 0 or step == steps_per_epoch - 1
                 save_now = bool(cfg.train.checkpoint_every) and global_step % cfg.train.checkpoint_every == 0
                 if log_now or save_now:  # on every rank at the same steps, so ranks stop together on a NaN
