@@ -26,8 +26,8 @@ import numpy as np
 
 from . import tensorboard as tb
 from .encoders import Encoder, load_encoder
-from .feature_heads import DEFAULT_HEADS
 from .errors import MedclError
+from .feature_heads import DEFAULT_HEADS
 from .finetune import budget_rows, choose_threshold, load_labeled, run_head, write_splits
 from .metrics import bootstrap_ci, mean_ci, parse_operating_point, score
 from .progress import duration, eta_text, progress_mode

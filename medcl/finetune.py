@@ -13,8 +13,8 @@ from . import tensorboard as tb
 from .config import MedclConfig
 from .data.cache import ScanSet, build_for_encoder, write_skipped
 from .data.discover import open_source
-from .data.preprocessing import Preprocessing
 from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
+from .data.preprocessing import Preprocessing
 from .encoders import Encoder, atomic_save, build_encoder, load_encoder
 from .errors import LabelsError, MedclError
 from .heads import Classifier
@@ -163,11 +163,11 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
     if len(np.unique(ld.y[lab])) < 2:  # a label-blind selection can miss a class: nothing to learn but the prior
         prior = np.bincount(ld.y[lab], minlength=ld.n_classes) / len(lab)
         return feature_heads.HeadFit(np.full((len(lab), ld.n_classes), np.nan), None,
-                             {"single_class": True, "folds": 0}), np.tile(prior, (len(te), 1))
+                                     {"single_class": True, "folds": 0}), np.tile(prior, (len(te), 1))
     if head in feature_heads.HEAD_TYPES:
         f = features if features is not None else encode(encoder, ld.scans, device)
         fit = feature_heads.fit_feature_head(head, f, ld.y, lab, pool, groups, ld.n_classes, seed)
-        layer = fit.head.to_module() if head == "linear" and encoder is not None else None
+        layer = fit.head.to_module() if encoder is not None else None  # a head that is one linear layer (linear)
         if layer is not None:  # the same probe as a torch module over the encoder: classifier.pt, saliency, predict
             fit.classifier = heads.Classifier(encoder, ld.n_classes)
             fit.classifier.head = layer
@@ -179,7 +179,7 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
     raise MedclError(f"unknown head '{head}' (choose {', '.join(feature_heads.head_names())})")
 
 
-def choose_threshold(ld: LabeledData, lab, fit: heads.HeadFit, operating_point: str = "youden") -> tuple:
+def choose_threshold(ld: LabeledData, lab, fit: feature_heads.HeadFit, operating_point: str = "youden") -> tuple:
     """(threshold, rule text, expected {sensitivity, specificity} on the labeled scans' OOF predictions)."""
     if ld.n_classes != 2:
         return 0.5, "argmax (multi-class)", {}
@@ -195,7 +195,8 @@ def choose_threshold(ld: LabeledData, lab, fit: heads.HeadFit, operating_point: 
         {"sensitivity": m["sensitivity"], "specificity": m["specificity"], "auc": m["auc"]}
 
 
-def threshold_warning(ld: LabeledData, lab, fit: heads.HeadFit, expected: dict, operating_point: str) -> str | None:
+def threshold_warning(ld: LabeledData, lab, fit: feature_heads.HeadFit, expected: dict,
+                      operating_point: str) -> str | None:
     """A warning when the threshold cannot be trusted: too few labels for its cross-validation, or a threshold that
     calls every labeled scan one class (a classifier that will call every new scan that class too)."""
     if ld.n_classes != 2:

@@ -357,8 +357,8 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
         tb.log_text(writer, "selection/summary", f"{strategy}: {budget} scans to label; " +
                     ", ".join(f"{k} {v}" for k, v in picked.info.items()))
         tb.write_projector(writer, feats[shown], scans, dims, ["path", "selection", "rank", "patient"],
-                        [meta[i] for i in shown], max_points, keep=[at[int(i)] for i in picked.order if int(i) in at],
-                        log=log)
+                           [meta[i] for i in shown], max_points,
+                           keep=[at[int(i)] for i in picked.order if int(i) in at], log=log)
     finally:
         writer.close()
     info = {**picked.info, "budget": budget, "seed": seed, "checkpoint": str(checkpoint), "data": str(data),

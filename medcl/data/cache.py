@@ -16,6 +16,7 @@ import torch
 
 from ..errors import MedclError, ScanReadError
 from ..progress import Progress
+from .preprocessing import Preprocessing
 from .discover import Source
 
 MIN_SIDE = 4  # below this a scan carries no usable structure
@@ -312,8 +313,6 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
 def build_for_encoder(source: Source, settings, checkpoint=None, **kw) -> ScanSet:
     """build_cache with the preprocessing an encoder was pretrained with (a Preprocessing or its dict), so that every
     command after pretraining reads scans exactly as pretraining did."""
-    from .preprocessing import Preprocessing
-
     p = Preprocessing.of(settings)
     expect = None if str(checkpoint).lower() == "none" else \
         f"the encoder{f' in {checkpoint}' if checkpoint else ''} was pretrained on {p.dims}D scans; pretrain one on " \
