@@ -1,8 +1,8 @@
 """medcl: contrastive pretraining of 2D/3D medical scan encoders, few-label evaluation, TensorBoard inspection.
 
-Python API mirrors the CLI: medcl.pretrain(...), medcl.finetune(...), medcl.embed(...), medcl.evaluate(...), medcl.select(...),
-medcl.predict(...), medcl.export(...), medcl.demo(...); medcl.load_classifier(FT_DIR).predict(paths_or_arrays) and
-medcl.load_encoder(RUN_DIR)(tensor) for your own code.
+Python API mirrors the CLI: medcl.pretrain(...), medcl.finetune(...), medcl.embed(...), medcl.evaluate(...),
+medcl.select(...), medcl.predict(...), medcl.export(...), medcl.demo(...);
+medcl.load_classifier(FT_DIR).predict(paths_or_arrays) and medcl.load_encoder(RUN_DIR)(tensor) for your own code.
 """
 import logging as _logging
 import sys as _sys

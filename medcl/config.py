@@ -13,111 +13,128 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .networks import encoder_names
+
+
+def knob(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING):
+    """A config key with its meaning, which `medcl config show` prints beside it."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
-    dims: int = 2  # spatial dims of the encoder: 2 (images, slices) or 3 (volumes)
-    size: int = 64  # every scan is resampled once (aspect kept, zero-padded) to size^dims
-    channels: int = 1  # 1: grayscale (colour averaged); 3: keep RGB
-    intensity: str = "percentile"  # per-scan normalisation to [0,1]: percentile (0.5-99.5) | minmax | none
-    npz_split: str = "train"  # MedMNIST .npz: which split to pretrain on (train | val | test | all)
-    max_bad_fraction: float = 0.2  # stop if more than this share of scans cannot be used
-    strict: bool = False  # stop at the first unreadable scan instead of skipping it
-    cache_max_gb: float = 4.0  # decoded scans above this size go to a memory-mapped file in the run folder
-    num_workers: int = 2  # threads decoding scans
-    skip_label_maps: bool = True  # skip integer images with few values (masks, tumour labels) with a reason
-    include: str = ""  # comma list of glob patterns on the path relative to DATA; only matching scans are used
-    exclude: str = ""  # comma list of glob patterns; matching scans are left out (e.g. *mask*,*seg*)
-    files: str = ""  # a text file listing the scans to use, one path relative to DATA per line
+    dims: int = knob(2, "spatial dims of the encoder: 2 (images, slices) or 3 (volumes)")
+    size: int = knob(64, "every scan is resampled once (aspect kept, zero-padded) to size^dims")
+    channels: int = knob(1, "1: grayscale (colour averaged); 3: keep RGB")
+    intensity: str = knob("percentile", "per-scan normalisation to [0,1]: percentile (0.5-99.5) | minmax | none")
+    npz_split: str = knob("train", "MedMNIST .npz: which split to pretrain on (train | val | test | all)")
+    max_bad_fraction: float = knob(0.2, "stop if more than this share of scans cannot be used")
+    strict: bool = knob(False, "stop at the first unreadable scan instead of skipping it")
+    cache_max_gb: float = knob(4.0, "decoded scans above this size go to a memory-mapped file in the run folder")
+    num_workers: int = knob(2, "threads decoding scans")
+    skip_label_maps: bool = knob(True, "skip integer images with few values (masks, tumour labels) with a reason")
+    include: str = knob("", "comma list of glob patterns on the path relative to DATA; only matching scans are used")
+    exclude: str = knob("", "comma list of glob patterns; matching scans are left out (e.g. *mask*,*seg*)")
+    files: str = knob("", "a text file listing the scans to use, one path relative to DATA per line")
 
 
 @dataclass
 class ViewsConfig:
-    backend: str = "auto"  # monai (per sample, CPU) | batched (whole batch, on the training device) | auto
-    crop_scale: tuple = (0.4, 1.0)  # random resized crop: share of the image area (volume) kept
-    flip_prob: float = 0.5  # per spatial axis
-    rotate_deg: float = 15.0  # max rotation per axis
-    gamma: tuple = (0.7, 1.5)  # contrast/gamma range
-    gamma_prob: float = 0.8  # probability of the gamma change per view
-    intensity_scale: float = 0.1  # multiply by U(1-s, 1+s)
-    intensity_shift: float = 0.1  # add U(-s, s)
-    intensity_prob: float = 0.8  # probability of the scale/shift per view
-    noise_std: float = 0.05  # gaussian noise std (image range is [0,1])
-    noise_prob: float = 0.5  # probability of noise per view
-    blur_sigma: tuple = (0.5, 1.0)  # gaussian blur sigma in pixels
-    blur_prob: float = 0.3  # probability of blur per view
-    transforms: list = field(default_factory=list)  # MONAI transforms in bundle syntax ({_target_: RandBiasField, prob: 0.3}); empty: the knobs above (docs/views.md)
+    backend: str = knob("auto", "monai (per sample, CPU) | batched (whole batch, on the training device) | auto")
+    crop_scale: tuple = knob((0.4, 1.0), "random resized crop: share of the image area (volume) kept")
+    flip_prob: float = knob(0.5, "per spatial axis")
+    rotate_deg: float = knob(15.0, "max rotation per axis")
+    gamma: tuple = knob((0.7, 1.5), "contrast/gamma range")
+    gamma_prob: float = knob(0.8, "probability of the gamma change per view")
+    intensity_scale: float = knob(0.1, "multiply by U(1-s, 1+s)")
+    intensity_shift: float = knob(0.1, "add U(-s, s)")
+    intensity_prob: float = knob(0.8, "probability of the scale/shift per view")
+    noise_std: float = knob(0.05, "gaussian noise std (image range is [0,1])")
+    noise_prob: float = knob(0.5, "probability of noise per view")
+    blur_sigma: tuple = knob((0.5, 1.0), "gaussian blur sigma in pixels")
+    blur_prob: float = knob(0.3, "probability of blur per view")
+    transforms: list = knob(factory=list, help="MONAI transforms in bundle syntax ({_target_: RandBiasField, prob: "
+                                               "0.3}); empty: the knobs above (docs/views.md)")
 
 
 @dataclass
 class EncoderConfig:
-    name: str = "resnet18"  # resnet10|18|34|50 | densenet121 | efficientnet-b0 | vit | swin (all MONAI; docs/encoders.md)
-    stem: str = "auto"  # resnet/densenet: small (3x3 stride 1, no max-pool) | standard (7x7/2 + max-pool) | auto (small if size<=32)
-    widen_factor: float = 1.0  # resnet channel multiplier; 0.25-0.5 makes fast CPU models
-    patch_size: int = 4  # vit/swin: patch side in pixels (voxels); data.size must be a multiple for vit
-    depth: int = 6  # vit: transformer blocks
-    width: int = 192  # vit: token width (heads of 64 channels)
-    swin_feature_size: int = 24  # swin: channels of the first stage (x16 at the last, the feature size)
+    name: str = knob("resnet18", "resnet10|18|34|50 | densenet121 | efficientnet-b0 | vit | swin (all MONAI; "
+                                 "docs/encoders.md)")
+    stem: str = knob("auto", "resnet/densenet: small (3x3 stride 1, no max-pool) | standard (7x7/2 + max-pool) | auto "
+                             "(small if size<=32)")
+    widen_factor: float = knob(1.0, "resnet channel multiplier; 0.25-0.5 makes fast CPU models")
+    patch_size: int = knob(4, "vit/swin: patch side in pixels (voxels); data.size must be a multiple for vit")
+    depth: int = knob(6, "vit: transformer blocks")
+    width: int = knob(192, "vit: token width (heads of 64 channels)")
+    swin_feature_size: int = knob(24, "swin: channels of the first stage (x16 at the last, the feature size)")
+    shortcut: str = knob("B", "resnet: downsampling shortcut, B (1x1 conv) | A (pooled, zero-padded: MedicalNet 18/34)")
+    bias_downsample: bool = knob(True, "resnet: bias in the 1x1 shortcut conv (MONAI's default; torchvision has none)")
+    init: str = knob("", "pretrain --init: weights to start from (file, run folder or name; docs/weights.md)")
 
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # simclr | supcon | pair | triplet | moco_v2 | moco_v3 | byol | simsiam | barlow | vicreg | dino | mae | monai_ssl
-    positives: str = "views"  # views | patient | neighbors
-    neighbor_distance: int = 2  # neighbors: max slice (or sub-volume shift, in voxels of the cache) distance
-    temperature: float = 0.0  # NT-Xent/InfoNCE/SupCon/MoCo softmax temperature; 0: the method's (docs/methods.md)
-    proj_hidden: int = 0  # projection head hidden width; 0: the method's own head (docs/methods.md)
-    proj_dim: int = 0  # projection output (DINO: bottleneck) width; 0: the method's
-    pred_hidden: int = 0  # BYOL/SimSiam/MoCo v3 predictor hidden width; 0: the method's
-    margin: float = 1.0  # pair/triplet margin (on L2-normalised embeddings)
-    mining: str = "batch_hard"  # triplet: batch_hard | semi_hard
-    momentum: float = 0.0  # MoCo/BYOL/DINO EMA base, cosine-increased to 1; 0: automatic, 1 - 10/steps in [0.9, 0.996] (MoCo v2: 0.99)
-    queue_size: int = 4096  # MoCo v2 negative queue
-    barlow_lambda: float = 0.005  # Barlow Twins off-diagonal weight
-    vicreg_weights: tuple = (25.0, 25.0, 1.0)  # invariance, variance, covariance
-    stop_gradient: bool = True  # SimSiam/BYOL; False makes them collapse (useful to test the monitors)
-    local_crops: int = -1  # multi-crop: small extra views per scan; -1: the method's (dino 6, others 0)
-    local_crop_scale: tuple = (0.05, 0.4)  # share of the area (volume) a local crop keeps
-    local_size: int = 0  # side of the local crops; 0: 3/7 of data.size (DINO's 96 of 224)
-    dino_out_dim: int = 4096  # DINO prototypes (65536 in the paper, for ImageNet)
-    teacher_temp: tuple = (0.04, 0.07)  # DINO teacher temperature, warmed up linearly over 30% of training
-    student_temp: float = 0.1  # DINO student temperature
-    center_momentum: float = 0.9  # DINO centre EMA
-    mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
-    decoder_width: int = 96  # MAE decoder token width (a multiple of 12)
-    decoder_depth: int = 2  # MAE decoder transformer blocks
-    norm_pix_loss: bool = True  # MAE: reconstruct per-patch normalised pixels
+    name: str = knob("simclr", "simclr | supcon | pair | triplet | moco_v2 | moco_v3 | byol | simsiam | barlow | vicreg"
+                               " | dino | mae | monai_ssl")
+    positives: str = knob("views", "views | patient | neighbors")
+    neighbor_distance: int = knob(2, "neighbors: max slice (or sub-volume shift, in voxels of the cache) distance")
+    temperature: float = knob(0.0, "NT-Xent/InfoNCE/SupCon/MoCo softmax temperature; 0: the method's (docs/methods.md)")
+    proj_hidden: int = knob(0, "projection head hidden width; 0: the method's own head (docs/methods.md)")
+    proj_dim: int = knob(0, "projection output (DINO: bottleneck) width; 0: the method's")
+    pred_hidden: int = knob(0, "BYOL/SimSiam/MoCo v3 predictor hidden width; 0: the method's")
+    margin: float = knob(1.0, "pair/triplet margin (on L2-normalised embeddings)")
+    mining: str = knob("batch_hard", "triplet: batch_hard | semi_hard")
+    momentum: float = knob(0.0, "MoCo/BYOL/DINO EMA base, cosine-increased to 1; 0: automatic, 1 - 10/steps in [0.9, "
+                                "0.996] (MoCo v2: 0.99)")
+    queue_size: int = knob(4096, "MoCo v2 negative queue")
+    barlow_lambda: float = knob(0.005, "Barlow Twins off-diagonal weight")
+    vicreg_weights: tuple = knob((25.0, 25.0, 1.0), "invariance, variance, covariance")
+    stop_gradient: bool = knob(True, "SimSiam/BYOL; False makes them collapse (useful to test the monitors)")
+    local_crops: int = knob(-1, "multi-crop: small extra views per scan; -1: the method's (dino 6, others 0)")
+    local_crop_scale: tuple = knob((0.05, 0.4), "share of the area (volume) a local crop keeps")
+    local_size: int = knob(0, "side of the local crops; 0: 3/7 of data.size (DINO's 96 of 224)")
+    dino_out_dim: int = knob(4096, "DINO prototypes (65536 in the paper, for ImageNet)")
+    teacher_temp: tuple = knob((0.04, 0.07), "DINO teacher temperature, warmed up linearly over 30% of training")
+    student_temp: float = knob(0.1, "DINO student temperature")
+    center_momentum: float = knob(0.9, "DINO centre EMA")
+    mask_ratio: float = knob(0.75, "MAE: share of patches hidden from the encoder")
+    decoder_width: int = knob(96, "MAE decoder token width (a multiple of 12)")
+    decoder_depth: int = knob(2, "MAE decoder transformer blocks")
+    norm_pix_loss: bool = knob(True, "MAE: reconstruct per-patch normalised pixels")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | lars
-    lr: float = 1e-3  # peak learning rate (after warm-up)
-    weight_decay: float = 1e-4  # not applied to biases and norm layers
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
-    min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+    name: str = knob("adamw", "adamw | lars")
+    lr: float = knob(1e-3, "peak learning rate (after warm-up)")
+    weight_decay: float = knob(1e-4, "not applied to biases and norm layers")
+    warmup_epochs: float = knob(1.0, "linear warm-up, then cosine decay")
+    min_lr_ratio: float = knob(0.01, "cosine ends at lr * min_lr_ratio")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20  # passes over the scans (--epochs)
-    batch_size: int = 128  # global batch (--batch-size); lowered, with a note, if a step would not fit in memory
-    seed: int = 0  # seeds views, order and weights: a run is repeatable (--seed)
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on GPU) | bf16 | off
+    epochs: int = knob(20, "passes over the scans (--epochs)")
+    batch_size: int = knob(128, "global batch (--batch-size); lowered, with a note, if a step would not fit in memory")
+    seed: int = knob(0, "seeds views, order and weights: a run is repeatable (--seed)")
+    device: str = knob("auto", "auto | cpu | cuda")
+    amp: str = knob("auto", "auto (bf16 on GPU) | bf16 | off")
     # speed switches (see medcl.train.speed_settings for what each resolves to on a device)
-    channels_last: bool = True  # 2D on GPU
-    compile: bool = False  # torch.compile the encoder (minutes of compilation; pays off on long GPU runs)
-    cudnn_benchmark: bool = True  # GPU: autotune convolution algorithms once for the fixed input shape
-    fused_optimizer: str = "auto"  # auto (fused AdamW on GPU) | on | off; LARS is never fused
-    num_workers: int = 0  # DataLoader workers for the monai view backend
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
-    log_every: int = 10  # steps between scalar logs
-    monitor_every: int = 50  # steps between collapse monitors
-    max_steps: int = 0  # stop after this many steps (0: run all epochs); for smoke tests
-    time_budget: str = ""  # e.g. 20m, 1h30m (--time): as many steps as fit, replacing epochs; empty: train.epochs
-    memory_gb: float = 0.0  # memory one step may use (0: 80% of what is free at the start); the batch is lowered to fit
+    channels_last: bool = knob(True, "2D on GPU")
+    compile: bool = knob(False, "torch.compile the encoder (minutes of compilation; pays off on long GPU runs)")
+    cudnn_benchmark: bool = knob(True, "GPU: autotune convolution algorithms once for the fixed input shape")
+    fused_optimizer: str = knob("auto", "auto (fused AdamW on GPU) | on | off; LARS is never fused")
+    num_workers: int = knob(0, "DataLoader workers for the monai view backend")
+    checkpoint_every: int = knob(0, "steps between mid-epoch checkpoints (0: end of each epoch only)")
+    log_every: int = knob(10, "steps between scalar logs")
+    monitor_every: int = knob(50, "steps between collapse monitors")
+    max_steps: int = knob(0, "stop after this many steps (0: run all epochs); for smoke tests")
+    time_budget: str = knob("", "e.g. 20m, 1h30m (--time): as many steps as fit, replacing epochs; empty: train.epochs")
+    memory_gb: float = knob(0.0, "memory one step may use (0: 80% of what is free at the start); the batch is lowered "
+                                 "to fit")
 
 
 @dataclass
@@ -291,7 +308,7 @@ _CHOICES = {
     ("data", "intensity"): ("percentile", "minmax", "none"),
     ("data", "npz_split"): ("train", "val", "test", "all"),
     ("views", "backend"): ("auto", "monai", "batched"),
-    ("encoder", "name"): ("resnet10", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-b0", "vit", "swin"),
+    ("encoder", "shortcut"): ("A", "B"),
     ("encoder", "stem"): ("auto", "small", "standard"),
     ("method", "positives"): ("views", "patient", "neighbors"),
     ("method", "mining"): ("batch_hard", "semi_hard"),
@@ -314,8 +331,12 @@ def validate(cfg: MedclConfig) -> None:
         if v not in allowed:
             raise ConfigError(f"{sec}.{key}={v!r} is not one of {', '.join(map(str, allowed))}."
                               + _suggest(str(v), map(str, allowed)).replace("Valid keys", "Valid values"))
+    if cfg.encoder.name not in encoder_names():  # the registry, so an encoder registered later is valid too
+        raise ConfigError(f"encoder.name={cfg.encoder.name!r} is not one of {', '.join(encoder_names())}."
+                          + _suggest(cfg.encoder.name, encoder_names()).replace("Valid keys", "Valid values"))
     if cfg.method.name not in METHOD_NAMES:
-        raise ConfigError(f"method.name={cfg.method.name!r} is not a known method." + _suggest(cfg.method.name, METHOD_NAMES)
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a known method."
+                          + _suggest(cfg.method.name, METHOD_NAMES)
                           .replace("Valid keys", "Known methods"))
     lo, hi = cfg.views.crop_scale
     if not (0 < lo <= hi <= 1):
@@ -330,7 +351,8 @@ def validate(cfg: MedclConfig) -> None:
     e = cfg.encoder
     if e.name == "vit":
         if cfg.data.size % e.patch_size:
-            raise ConfigError(f"encoder vit: data.size={cfg.data.size} must be a multiple of encoder.patch_size={e.patch_size}.")
+            raise ConfigError(f"encoder vit: data.size={cfg.data.size} must be a multiple of "
+                              f"encoder.patch_size={e.patch_size}.")
         step = 4 if cfg.data.dims == 2 else 6  # MONAI's sin-cos positions split the width over axes and sin/cos
         heads = max(1, e.width // 64)
         if e.width % step or e.width % heads:
@@ -342,7 +364,8 @@ def validate(cfg: MedclConfig) -> None:
     if not 0 < m.mask_ratio < 1:
         raise ConfigError(f"method.mask_ratio={m.mask_ratio}: need 0 < ratio < 1.")
     if m.decoder_width % 12:
-        raise ConfigError(f"method.decoder_width={m.decoder_width} must be a multiple of 12 (sin-cos positions in 2D/3D).")
+        raise ConfigError(f"method.decoder_width={m.decoder_width} must be a multiple of 12 (sin-cos positions in "
+                          f"2D/3D).")
     lo, hi = m.local_crop_scale
     if not (0 < lo <= hi <= 1):
         raise ConfigError(f"method.local_crop_scale={m.local_crop_scale}: need 0 < min <= max <= 1.")
@@ -388,20 +411,13 @@ def resume_differences(saved: MedclConfig, asked: MedclConfig) -> list:
 
 
 def describe(cfg: MedclConfig) -> str:
-    """The resolved config as YAML with each key's meaning (the comment beside its default in this file), so that
-    every `--set section.key=value` is discoverable without reading the source."""
-    import inspect
-    import re
-
-    meaning = {}
-    for f in dataclasses.fields(cfg):
-        src = inspect.getsource(type(getattr(cfg, f.name)))
-        for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
-            meaning[(f.name, m.group(1))] = m.group(2).strip()
-    lines = []
-    for sec, values in cfg.to_dict().items():
-        lines.append(f"{sec}:")
-        for k, v in values.items():
+    """The resolved config as YAML with each key's meaning (its `help` in the dataclasses above), so that every
+    `--set section.key=value` is discoverable without reading the source."""
+    lines, values = [], cfg.to_dict()
+    for section in dataclasses.fields(cfg):
+        lines.append(f"{section.name}:")
+        meaning = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(getattr(cfg, section.name))}
+        for k, v in values[section.name].items():
             text = yaml.safe_dump({k: v}, default_flow_style=True, width=1000).strip().strip("{}")
-            lines.append(f"  {text:<38} # {meaning.get((sec, k), '')}".rstrip())
+            lines.append(f"  {text:<38} # {meaning.get(k, '')}".rstrip())
     return "\n".join(lines) + "\n"

@@ -175,7 +175,8 @@ def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim_w: float = 25.0, var_w: float
 
 
 @float32
-def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float = 0.2) -> torch.Tensor:
+def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None,
+                  temperature: float = 0.2) -> torch.Tensor:
     """MoCo v2 (He et al. 2020; Chen et al. 2020): one positive key per query, negatives from a queue of past keys."""
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1).detach()
@@ -186,8 +187,10 @@ def infonce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, 
 
 
 @float32
-def infonce_batch(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather=None, rank: int = 0) -> torch.Tensor:
-    """MoCo v3 (Chen, Xie & He 2021): queries against momentum keys of the (global) batch; scaled by 2t as in the paper."""
+def infonce_batch(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather=None,
+                  rank: int = 0) -> torch.Tensor:
+    """MoCo v3 (Chen, Xie & He 2021): queries against momentum keys of the (global) batch; scaled by 2t as in the
+    paper."""
     gather = gather or _identity
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1).detach()

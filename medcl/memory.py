@@ -16,7 +16,8 @@ import torch
 from .errors import MedclError
 
 HEADROOM = 0.8  # use at most this share of the free memory: the allocator, the views and the OS need the rest
-BACKWARD_FACTOR = 1.25  # real peak / saved bytes was 0.79-1.16 on CPU (2D and 3D, 5 methods; see benchmarks/memory_estimate.py)
+# real peak / saved bytes was 0.79-1.16 on CPU (2D and 3D, 5 methods; see benchmarks/memory_estimate.py)
+BACKWARD_FACTOR = 1.25
 
 
 def available_bytes(device: torch.device) -> int:

@@ -66,7 +66,7 @@ def local_view_size(cfg, size: int, encoder_spec: dict) -> int:
 
 def resolve(name: str, cfg, encoder_name: str = "resnet18"):
     """A copy of the method config with its 'method default' settings (0 or -1) filled in for `name`."""
-    from .encoders import TRANSFORMERS
+    from .networks import TRANSFORMERS
 
     head = HEADS[name]
     layers, hidden, out, bn, last_bn = head.get("proj", (2, 512, 128, True, False))
@@ -253,7 +253,8 @@ class BYOL(_Momentum):
             t1, t2 = self.target(v1), self.target(v2)
         else:  # ablation: targets from the online network with gradients (collapses)
             t1, t2 = z1, z2
-        loss = losses.cosine_regression(p1, t2, self.cfg.stop_gradient) + losses.cosine_regression(p2, t1, self.cfg.stop_gradient)
+        stop = self.cfg.stop_gradient
+        loss = losses.cosine_regression(p1, t2, stop) + losses.cosine_regression(p2, t1, stop)
         return {"loss": loss / 2, "z": z1, "z2": z2}
 
 
@@ -265,7 +266,8 @@ class MoCoV3(_Momentum):
         q1, q2 = self.predictor(self.embed(v1)), self.predictor(self.embed(v2))
         k1, k2 = self.target(v1), self.target(v2)
         t = self.cfg.temperature
-        loss = losses.infonce_batch(q1, k2, t, self.gather, self.rank) + losses.infonce_batch(q2, k1, t, self.gather, self.rank)
+        loss = (losses.infonce_batch(q1, k2, t, self.gather, self.rank)
+                + losses.infonce_batch(q2, k1, t, self.gather, self.rank))
         return {"loss": loss / 2, "z": q1, "z2": q2}
 
 
@@ -418,7 +420,8 @@ class MAE(SSLMethod):
 
     def describe(self):
         c = self.cfg
-        return f"mask ratio {c.mask_ratio:g}, decoder {c.decoder_depth} blocks x {c.decoder_width}, norm_pix {c.norm_pix_loss}"
+        return (f"mask ratio {c.mask_ratio:g}, decoder {c.decoder_depth} blocks x {c.decoder_width}, "
+                f"norm_pix {c.norm_pix_loss}")
 
     def embed(self, x):
         # standardised over the batch, as the MAE paper's probe does (a BatchNorm without affine before it): the

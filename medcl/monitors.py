@@ -14,7 +14,8 @@ def collapse_metrics(z1: torch.Tensor, z2: torch.Tensor | None = None) -> dict:
     - std: mean per-dimension std; ~1/sqrt(d) when spread over the sphere, 0 when collapsed to a point.
     - std_ratio: std * sqrt(d) (~1 healthy, ~0 collapsed), comparable across embedding sizes.
     - rankme: effective rank exp(H(sigma / |sigma|_1)) (Garrido et al. 2023).
-    - alignment: E||z1 - z2||^2 between views (lower is better); uniformity: log E exp(-2||zi - zj||^2) (Wang & Isola 2020).
+    - alignment: E||z1 - z2||^2 between views (lower is better); uniformity: log E exp(-2||zi - zj||^2) (Wang &
+      Isola 2020).
     """
     z = F.normalize(z1.float(), dim=1)
     n, d = z.shape
@@ -53,10 +54,12 @@ def knn_probe(features: np.ndarray, labels: np.ndarray, k: int = 10, folds: int 
     folds = int(min(folds, counts.min()))
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     knn = KNeighborsClassifier(n_neighbors=int(min(k, len(y) - len(y) // folds - 1)), metric="cosine")
-    proba = cross_val_predict(knn, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+    proba = cross_val_predict(knn, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                              method="predict_proba")
     out = {"knn_accuracy": float(accuracy_score(y, proba.argmax(1)))}
     try:
-        out["knn_auc"] = float(roc_auc_score(y, proba[:, 1]) if len(classes) == 2 else roc_auc_score(y, proba, multi_class="ovr"))
+        out["knn_auc"] = float(roc_auc_score(y, proba[:, 1]) if len(classes) == 2
+                               else roc_auc_score(y, proba, multi_class="ovr"))
     except ValueError:
         pass
     return out

@@ -35,3 +35,52 @@ def test_the_worked_head_example_is_one_class_that_every_command_accepts():
         feature_heads.HEAD_TYPES.clear()
         feature_heads.HEAD_TYPES.update(before)
 
+
+
+def _block(n: int) -> str:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[n]
+
+
+def test_the_worked_encoder_example_is_one_function_that_every_part_accepts(tmp_path):
+    import torch
+
+    from medcl import networks
+    from medcl.config import MedclConfig, apply_overrides
+    from medcl.encoders import Encoder, export_encoder, load_encoder
+
+    before = dict(networks.ENCODERS)
+    try:
+        exec(_block(1), vars(networks).copy())  # as if the function were written in medcl/networks.py
+        cfg = apply_overrides(MedclConfig(), {"encoder": {"name": "densenet169"}})  # the config validates it
+        assert cfg.encoder.name == "densenet169"
+        for dims in (2, 3):
+            enc = Encoder("densenet169", dims, 1, "standard").eval()
+            with torch.no_grad():
+                assert enc(torch.rand((2, 1) + (32,) * dims)).shape == (2, 1664)
+        export_encoder(enc, tmp_path / "encoder.pt")
+        again, _ = load_encoder(tmp_path / "encoder.pt")  # strict: every tensor back in place
+        assert again.spec == enc.spec and again.cam_layer == "net.features"
+    finally:
+        networks.ENCODERS.clear()
+        networks.ENCODERS.update(before)
+
+
+def test_the_worked_reader_example_is_one_function_that_discovery_and_reading_accept(tmp_path):
+    from PIL import Image
+
+    from medcl.data import readers
+    from medcl.data.discover import discover
+
+    before = dict(readers.READERS)
+    try:
+        exec(_block(2), vars(readers).copy())  # as if the function were written in medcl/data/readers.py
+        pixels = (np.arange(40 * 60).reshape(40, 60) % 251).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "a.pgm")
+        Image.fromarray(pixels).save(tmp_path / "b.png")
+        src = discover(tmp_path)
+        assert sorted((r.key, r.fmt) for r in src.records) == [("a.pgm", "netpbm"), ("b.png", "image")]
+        a, b = (readers.read_scan(tmp_path / n)[0] for n in ("a.pgm", "b.png"))
+        assert a.shape == (1, 40, 60) and np.array_equal(a, b)
+    finally:
+        readers.READERS.clear()
+        readers.READERS.update(before)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.format import open_memmap
 import torch
 
 from ..errors import MedclError, ScanReadError
@@ -68,7 +69,8 @@ def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channel
             raise ScanReadError(path, f"3D volume {arr.shape[1:]} in a 2D run: use --dims 3 for volumes, "
                                       "or method.positives=neighbors to train a 2D encoder on their slices.")
     elif dims == 3 and spatial == 2:
-        raise ScanReadError(path, f"2D image {arr.shape[1:]} in a 3D run: use --dims 2, or keep 2D and 3D scans in separate folders.")
+        raise ScanReadError(path, f"2D image {arr.shape[1:]} in a 3D run: use --dims 2, or keep 2D and 3D scans in "
+                                  f"separate folders.")
     elif arr.ndim - 1 != dims:
         raise ScanReadError(path, f"array of shape {arr.shape} is neither a 2D image nor a 3D volume.")
     c = arr.shape[0]
@@ -83,7 +85,8 @@ def to_model_array(arr: np.ndarray, spacing, path, dims: int, size: int, channel
     elif arr.shape[0] == 1 and channels == 3:
         arr = np.repeat(arr, 3, axis=0)
     if min(arr.shape[1:]) < MIN_SIDE:
-        raise ScanReadError(path, f"too small ({'x'.join(map(str, arr.shape[1:]))}); need at least {MIN_SIDE} pixels per side.")
+        raise ScanReadError(path, f"too small ({'x'.join(map(str, arr.shape[1:]))}); need at least {MIN_SIDE} pixels "
+                                  f"per side.")
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         raise ScanReadError(path, "constant image (every pixel equal): nothing to learn from.")
@@ -196,7 +199,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         pass  # batches are read from the scan cache's files
     elif large and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        images = np.lib.format.open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
+        images = open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
     else:
         images = np.empty((n,) + item_shape, dtype=np.float32)
     skipped = list(source.problems)

@@ -112,7 +112,8 @@ def discover(root: str | os.PathLike, dims: int = 2) -> Source:
             p = folder / name
             records.append(ScanRecord(p.relative_to(root).as_posix(), fmt, p))
         if dcm:
-            groups = _dicom_groups(folder, dcm, problems) if (dims == 3 and len(dcm) > 1) else [(folder / n,) for n in dcm]
+            series = dims == 3 and len(dcm) > 1
+            groups = _dicom_groups(folder, dcm, problems) if series else [(folder / n,) for n in dcm]
             n_series = sum(len(g) > 1 for g in groups)
             for i, g in enumerate(groups):
                 if len(g) == 1:
@@ -147,7 +148,8 @@ def open_npz(path: Path) -> Source:
                 lab = int(row[0]) if row.size == 1 else tuple(int(v) for v in row)
             records.append(ScanRecord(f"{split}/{i}", "npz", path, label=lab, split=split, index=i))
     if not records:
-        raise MedclError(f"{path}: no '<split>_images' arrays (expected MedMNIST keys train_images, val_images, test_images).")
+        raise MedclError(f"{path}: no '<split>_images' arrays (expected MedMNIST keys train_images, val_images, "
+                         f"test_images).")
     return Source(path.parent, records, arrays=arrays)
 
 

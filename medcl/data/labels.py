@@ -149,7 +149,8 @@ def resolve_positive(classes: list, positive: str | None, negative: str | None =
             healthy = split_list(negative)
             check_known(healthy, f"--negative {negative}")
             if set(healthy) & set(wanted):
-                raise LabelsError(f"class(es) {sorted(set(healthy) & set(wanted))} are in both --positive and --negative.")
+                raise LabelsError(f"class(es) {sorted(set(healthy) & set(wanted))} are in both --positive and "
+                                  f"--negative.")
             odd = [c for c in rest if c not in healthy]
             if odd:
                 raise LabelsError(f"{where}: label(s) outside --positive/--negative: "
@@ -219,7 +220,8 @@ def read_labels_csv(path, data_root=None, positive=None, allow_outside: bool = F
         splits.append(sp)
     if not keys:
         raise LabelsError(f"{path}: no rows.")
-    classes = sorted(set(labels), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
+    classes = sorted(set(labels), key=lambda c: (not c.lstrip("-").isdigit(),
+                                                 int(c) if c.lstrip("-").isdigit() else 0, c))
     if len(classes) < 2:
         raise LabelsError(f"{path}: only one class ({classes[0]}): a classifier needs at least two.")
     task = resolve_positive(classes, positive, negative, multiclass, rows_of, where=f"{path} (rows are CSV lines)")
@@ -314,7 +316,8 @@ def read_pairs_csv(path, data_root=None, allow_outside: bool = False):
     if not out:
         raise LabelsError(f"{path}: no rows.")
     if len({s for _, _, s in out}) < 2:
-        raise LabelsError(f"{path}: all pairs are {'similar' if out[0][2] else 'dissimilar'}; the pair loss needs both kinds.")
+        raise LabelsError(f"{path}: all pairs are {'similar' if out[0][2] else 'dissimilar'}; the pair loss needs "
+                          f"both kinds.")
     return out
 
 

@@ -12,30 +12,40 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import ScanReadError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-NIFTI_EXTS = (".nii", ".nii.gz")
-DICOM_EXTS = (".dcm",)
-NUMPY_EXTS = (".npy",)
-SCAN_EXTS = IMAGE_EXTS + NIFTI_EXTS + DICOM_EXTS + NUMPY_EXTS
+# the reader registry: format name -> Reader. A new format is one function with @register_reader plus its test
+# (docs/contributing.md); discovery, the scan cache and every command then read it.
+READERS: dict = {}
+
+
+@dataclass(frozen=True)
+class Reader:
+    read: Callable  # (files: list[Path]) -> (array (C, *S) float32, spacing or None); raises ScanReadError
+    exts: tuple  # lower-case endings, with the dot
+    series: bool = False  # one scan may span several files (DICOM): discovery groups them, `read` checks each
+
+
+def register_reader(fmt: str, exts: tuple, series: bool = False):
+    def add(read):
+        READERS[fmt] = Reader(read, tuple(e.lower() for e in exts), series)
+        return read
+    return add
 
 
 def scan_format(path: str | os.PathLike) -> str | None:
     name = str(path).lower()
-    if name.endswith(NIFTI_EXTS):
-        return "nifti"
-    if name.endswith(DICOM_EXTS):
-        return "dicom"
-    if name.endswith(IMAGE_EXTS):
-        return "image"
-    if name.endswith(NUMPY_EXTS):
-        return "npy"
-    return None
+    return next((fmt for fmt, r in READERS.items() if name.endswith(r.exts)), None)
+
+
+def scan_exts() -> tuple:
+    return tuple(e for r in READERS.values() for e in r.exts)
 
 
 _loaders: dict = {}
@@ -76,6 +86,16 @@ def _read_monai(path: Path, fmt: str):
     return arr, spacing
 
 
+@register_reader("nifti", (".nii", ".nii.gz"))
+def _read_nifti(files):
+    return _read_monai(files[0], "nifti")
+
+
+@register_reader("image", (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"))
+def _read_image(files):
+    return _read_monai(files[0], "image")
+
+
 def _dicom_pixels(ds, path) -> np.ndarray:
     if "PixelData" not in ds:
         raise ScanReadError(path, "DICOM file has no pixel data (a report, SEG or presentation state?); "
@@ -90,6 +110,7 @@ def _dicom_pixels(ds, path) -> np.ndarray:
     return px * slope + intercept
 
 
+@register_reader("dicom", (".dcm",), series=True)
 def _read_dicom(files: list[Path]):
     import pydicom
 
@@ -132,7 +153,9 @@ def _read_dicom(files: list[Path]):
     return px[None], ps
 
 
-def _read_npy(path: Path):
+@register_reader("npy", (".npy",))
+def _read_npy(files):
+    path = files[0]
     try:
         arr = np.load(str(path), allow_pickle=False)
     except Exception as e:
@@ -153,22 +176,18 @@ def read_scan(path, fmt: str | None = None, files=None):
     """Read one scan. Returns (array[C, *spatial] float32, spacing or None). Raises ScanReadError."""
     path = Path(path)
     fmt = fmt or scan_format(path)
+    reader = READERS.get(fmt)
     try:
-        if fmt == "dicom":
-            arr, spacing = _read_dicom([Path(f) for f in (files or [path])])
-        else:
+        if reader is None:
+            raise ScanReadError(path, f"unknown scan format (medcl reads {', '.join(scan_exts())}).")
+        if not reader.series:
             if not path.exists():
                 raise ScanReadError(path, "file not found.")
             if path.stat().st_size == 0:
                 raise ScanReadError(path, "file is empty (0 bytes).")
             if not os.access(path, os.R_OK):
                 raise ScanReadError(path, "permission denied: medcl cannot read this file.")
-            if fmt == "npy":
-                arr, spacing = _read_npy(path)
-            elif fmt in ("nifti", "image"):
-                arr, spacing = _read_monai(path, fmt)
-            else:
-                raise ScanReadError(path, "unknown scan format (expected NIfTI, DICOM, PNG/JPEG/TIFF or .npy).")
+        arr, spacing = reader.read([Path(f) for f in (files or [path])])
     except ScanReadError:
         raise
     except MemoryError:

@@ -207,7 +207,8 @@ class Noise:  # RandGaussianNoise
         if sel is None:
             return v
         n = len(sel)
-        std = _u(0, self.std, (n,), g, v.device) if self.sample_std else torch.full((n,), float(self.std), device=v.device)
+        std = (_u(0, self.std, (n,), g, v.device) if self.sample_std
+               else torch.full((n,), float(self.std), device=v.device))
         noise = torch.randn((n,) + v.shape[1:], generator=g, device=v.device) * _bshape(std, v.ndim) + self.mean
         return v.index_add(0, sel, noise)
 
@@ -431,8 +432,12 @@ def _crop_scales(spec: Spec, shape):
         def frac(v, n):
             return 1.0 if v is None or v <= 0 else min(float(v), n) / n
         lo = [frac(v, n) for v, n in zip(_per_axis(a["roi_size"], d), shape)]
-        hi = lo if not a.get("random_size") else (
-            [1.0] * d if a.get("max_roi_size") is None else [frac(v, n) for v, n in zip(_per_axis(a["max_roi_size"], d), shape)])
+        if not a.get("random_size"):
+            hi = lo
+        elif a.get("max_roi_size") is None:
+            hi = [1.0] * d
+        else:
+            hi = [frac(v, n) for v, n in zip(_per_axis(a["max_roi_size"], d), shape)]
     return [min(max(v, 1e-3), 1.0) for v in lo], [min(max(h, v), 1.0) for v, h in zip(lo, hi)]
 
 
@@ -460,7 +465,8 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
         bad = _unsupported(spec, {"lazy": _off})
         if bad:
             return None, 1, f"{bad} is not batched"
-        resize = build_op(nxt, None, dims, shape, after_crop=True)[0] if nxt is not None and nxt.name == "Resize" else None
+        resize = (build_op(nxt, None, dims, shape, after_crop=True)[0] if nxt is not None and nxt.name == "Resize"
+                  else None)
         if resize is None:
             return None, 1, "its views differ in size, so it is batched only when a batched Resize follows it"
         lo, hi = _crop_scales(spec, shape)
@@ -482,8 +488,9 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
     if name == "RandAxisFlip":
         return Flip(p, None), 1, None
     if name == "RandAffine":
-        bad = _unsupported(spec, {"shear_range": lambda v: not v, "spatial_size": lambda v: v is None or
-                                  _resize_shape(v, shape) == tuple(shape), "mode": lambda v: v in ("bilinear", "nearest"),
+        bad = _unsupported(spec, {"shear_range": lambda v: not v,
+                                  "spatial_size": lambda v: v is None or _resize_shape(v, shape) == tuple(shape),
+                                  "mode": lambda v: v in ("bilinear", "nearest"),
                                   "padding_mode": lambda v: v in ("zeros", "border", "reflection"), "lazy": _off})
         if bad:
             return None, 1, f"{bad} is not batched"
@@ -493,8 +500,8 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
             return [_pair(v[i], f"RandAffine {i}") if i < len(v) and v[i] is not None else (default, default)
                     for i in range(n)]
         return Affine(p, ranges(a.get("rotate_range"), 1 if dims == 2 else 3), ranges(a.get("translate_range"), dims),
-                      ranges(a.get("scale_range"), dims), a.get("mode", "bilinear"), a.get("padding_mode", "reflection"),
-                      dims), 1, None
+                      ranges(a.get("scale_range"), dims), a.get("mode", "bilinear"),
+                      a.get("padding_mode", "reflection"), dims), 1, None
     if name == "RandAdjustContrast":
         bad = _unsupported(spec, {"invert_image": _off, "retain_stats": _off})
         if bad:
@@ -519,7 +526,7 @@ def build_op(spec: Spec, nxt: Spec | None, dims: int, shape, after_crop: bool = 
         return BiasField(p, int(a.get("degree", 3)), _pair(a.get("coeff_range", (0.0, 0.1)), name), dims), 1, None
     if name == "RandHistogramShift":
         n = a.get("num_control_points", 10)
-        return HistogramShift(p, (int(n), int(n)) if isinstance(n, (int, float)) else (int(min(n)), int(max(n)))), 1, None
+        return HistogramShift(p, (int(n),) * 2 if isinstance(n, (int, float)) else (int(min(n)), int(max(n)))), 1, None
     if name == "RandCoarseDropout":
         d = len(shape)
         return CoarseDropout(p, int(a["holes"]), a.get("max_holes"), _per_axis(a["spatial_size"], d),
