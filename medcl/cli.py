@@ -8,7 +8,11 @@ import warnings
 
 from .errors import MedclError
 from .runs import check_checkpoint_path, check_classifier_path
+from .weights import is_name
+from .weights import resolve as resolve_weights
 
+CHECKPOINT_HELP = ("pretrain run folder or its encoder.pt, or WEIGHTS from another tool: a ResNet file (torchvision, "
+                   "timm, MedicalNet, lightly, solo-learn) or a name such as torchvision:resnet18 (docs/weights.md)")
 # measured on 2 idle CPU cores (README, "Time"); one wording everywhere
 DEMO_TIME = "under a minute"
 DEMO3D_TIME = "about 2 minutes"
@@ -23,7 +27,8 @@ EPILOG_PRETRAIN = """examples:
 """
 EPILOG_FINETUNE = """examples:
   medcl finetune --checkpoint runs/simclr --data scans/ --labels labels.csv --out ft/1pct --label-fraction 0.01
-  medcl finetune --checkpoint none --data scans/ --labels labels.csv --out ft/scratch --mode finetune --label-fraction 0.01
+  medcl finetune --checkpoint none --data scans/ --labels labels.csv --out ft/scratch --mode finetune \\
+      --label-fraction 0.01
   medcl finetune --checkpoint runs/pm --data pneumoniamnist.npz --out ft/pm10 --labels-per-class 10
 
 LABELS.csv: columns path,label (path relative to DATA), optional patient and split (train/val/test).
@@ -109,6 +114,25 @@ OP_HELP = ("decision threshold, from out-of-fold predictions of the labeled scan
            "specificity=0.9")
 
 
+def _add_export_parser(sub, fmt, quiet):
+    x = sub.add_parser("export", help="save a classifier as one .pt2 file that plain PyTorch runs, or an encoder "
+                                      "or classifier as a MONAI bundle",
+                       formatter_class=fmt, parents=[quiet],
+                       description="Export a `medcl finetune` classifier with torch.export (--out F.pt2): the file "
+                                   "maps a preprocessed batch to class probabilities and loads with "
+                                   "torch.export.load(path).module(), without medcl. Its medcl.json (extra file) "
+                                   "holds the classes, threshold and preprocessing. Or write a MONAI bundle "
+                                   "(--bundle DIR) of a classifier or of a pretrain run's encoder: "
+                                   "monai.bundle.ConfigParser builds it without medcl (ResNet encoders).",
+                       epilog="examples:\n  medcl export --classifier ft/1pct --out models/pneumonia.pt2\n"
+                              "  medcl export --checkpoint runs/pm --bundle models/pm_encoder_bundle")
+    x.add_argument("--classifier", help="a finetune output folder (or its classifier.pt)")
+    x.add_argument("--checkpoint", help="with --bundle: a pretrain run folder (or its encoder.pt)")
+    x.add_argument("--out", help="the file to write, *.pt2 (a classifier)")
+    x.add_argument("--bundle", metavar="DIR", help="write a MONAI bundle (Model Zoo layout) to this folder instead")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file or bundle")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .feature_heads import DEFAULT_HEADS, HEAD_TYPES, head_names
     from .select import STRATEGIES
@@ -161,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the step count is set from the pace of the first steps and the schedule fitted to it; instead "
                    "of --epochs). With --resume: train this much longer")
     p.add_argument("--batch-size", type=int, help="train.batch_size (global, across GPUs)")
+    p.add_argument("--init", metavar="WEIGHTS", help="encoder.init: start from existing weights, then pretrain: a "
+                   "medcl run or encoder.pt, a torchvision/timm ResNet state dict, a MedicalNet .pth, a lightly or "
+                   "solo-learn checkpoint, or a name (torchvision:resnet18|resnet50, medicalnet:resnet10|18|34|50) "
+                   "found in the local torch/Hugging Face caches (never downloaded). The weights decide the "
+                   "architecture; input channels adapt (docs/weights.md)")
     p.add_argument("--seed", type=int, help="train.seed")
     _selection_args(p)
     p.add_argument("--labels", help="labels CSV: used by method.name=supcon and positives=patient (test rows never)")
@@ -179,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[quiet],
                        description="Linear probe (frozen encoder) or full fine-tune on a labeled subset of the train "
                                    "split; evaluated on the held-out test split.", epilog=EPILOG_FINETUNE)
-    f.add_argument("--checkpoint", required=True, help="pretrain run folder or its encoder.pt; 'none' = a random-init "
-                                                       "network (the control with --mode probe, scratch with finetune)")
+    f.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP + "; 'none' = a random-init network (the "
+                                                       "control with --mode probe, scratch with finetune)")
     f.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     f.add_argument("--labels", help="LABELS.csv (not needed for a MedMNIST .npz)")
     f.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, TensorBoard events)")
@@ -207,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embeddings for the TensorBoard projector", formatter_class=fmt, parents=[quiet],
                        description="Encode every scan; write embeddings.npz, a projector with thumbnails and "
                                    "metadata, and a static map.png.", epilog=EPILOG_EMBED)
-    e.add_argument("--checkpoint", help="pretrain run folder or encoder.pt")
+    e.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     e.add_argument("--classifier", help="a finetune output folder: its encoder is used, its probability shown, and "
                                         "the scans it trained/validated on marked (classifier_role)")
     e.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
@@ -226,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "same heads on the network at random weights, and (unless --baseline none) the network trained "
                        "from scratch, on the same labeled subsets; summary.md reports the gain over the best control.",
                        epilog=EPILOG_EVALUATE)
-    v.add_argument("--checkpoint", required=True, help="pretrain run folder or encoder.pt")
+    v.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    v.add_argument("--compare", nargs="+", metavar="WEIGHTS", default=(),
+                   help="other encoders as controls: each is frozen, fed the same scans and given the same heads on "
+                        "the same subsets, named external:<name> in results.csv, summary.md and the learning curve "
+                        "(files, medcl runs, or names such as torchvision:resnet18; docs/weights.md)")
     v.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     v.add_argument("--labels", help="LABELS.csv (not needed for a MedMNIST .npz)")
     v.add_argument("--out", required=True, help="output folder (results.csv, summary.md, learning_curve.png, tb/)")
@@ -267,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "never chosen; one scan per patient unless --allow-same-patient. Writes "
                                    "to_label.csv (fill in its label column, then use it as LABELS.csv), "
                                    "to_label.png and TensorBoard events.", epilog=EPILOG_SELECT)
-    s.add_argument("--checkpoint", required=True, help="pretrain run folder or encoder.pt")
+    s.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     s.add_argument("--data", required=True, help="scan folder or MedMNIST .npz")
     s.add_argument("--budget", type=int, required=True, help="how many scans to choose")
     s.add_argument("--out", required=True, help="output folder (to_label.csv, to_label.png, selection.json, tb/)")
@@ -313,16 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_args(r)
     r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    x = sub.add_parser("export", help="save a classifier as one .pt2 file that plain PyTorch runs",
-                       formatter_class=fmt, parents=[quiet],
-                       description="Export a `medcl finetune` classifier with torch.export: the file maps a "
-                                   "preprocessed batch to class probabilities and loads with "
-                                   "torch.export.load(path).module(), without medcl. Its medcl.json (extra file) "
-                                   "holds the classes, threshold and preprocessing.",
-                       epilog="example:\n  medcl export --classifier ft/1pct --out models/pneumonia.pt2")
-    x.add_argument("--classifier", required=True, help="a finetune output folder (or its classifier.pt)")
-    x.add_argument("--out", required=True, help="the file to write, *.pt2")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_export_parser(sub, fmt, quiet)
 
     w = sub.add_parser("views", help="preview the augmented views a recipe makes (PNG + TensorBoard)",
                        formatter_class=fmt, parents=[quiet],
@@ -374,6 +398,7 @@ def _pretrain_config(a, base: dict | None = None):
 
     over = parse_set(a.set)
     for key, val in (("data.dims", a.dims), ("train.epochs", getattr(a, "epochs", None)),
+                     ("encoder.init", getattr(a, "init", None)),
                      ("train.batch_size", getattr(a, "batch_size", None)), ("train.seed", getattr(a, "seed", None)),
                      ("train.time_budget", getattr(a, "time", None))):
         if val is not None:
@@ -432,8 +457,21 @@ def _preflight_out(a):
                   resumable=a.command in ("pretrain", "evaluate"))
 
 
+def _check_export(a):
+    if a.command != "export":
+        return
+    if bool(a.classifier) == bool(a.checkpoint):
+        raise MedclError("export needs one of --classifier FT_DIR or --checkpoint RUN_DIR (the latter with --bundle)")
+    if bool(a.out) == bool(a.bundle):
+        raise MedclError("export writes one thing: --out FILE.pt2 (a classifier) or --bundle DIR (a MONAI bundle)")
+    if a.checkpoint and not a.bundle:
+        raise MedclError("--checkpoint exports an encoder as a MONAI bundle: add --bundle DIR (a .pt2 file holds a "
+                         "classifier: --classifier FT_DIR --out F.pt2)")
+
+
 def _preflight(a):
     """Cheap checks before torch and MONAI are imported (half a minute on a cold machine): paths, CSVs, config."""
+    _check_export(a)
     if getattr(a, "time", None) and getattr(a, "epochs", None):
         raise MedclError("--time and --epochs both set how long to pretrain: pass one of them")
     if getattr(a, "resume", False) and getattr(a, "overwrite", False):
@@ -449,8 +487,15 @@ def _preflight(a):
         _check_path(path, "--already-labeled file")
     ck = getattr(a, "checkpoint", None)
     if ck is not None and str(ck).lower() != "none":
-        _check_path(ck, "checkpoint")
+        if is_name(ck):
+            resolve_weights(ck, "--checkpoint")
+        else:
+            _check_path(ck, "checkpoint")
         check_checkpoint_path(ck, a.command)
+    if getattr(a, "init", None):
+        resolve_weights(a.init, "--init")
+    for weights in getattr(a, "compare", None) or ():
+        resolve_weights(weights, "--compare")
     if getattr(a, "classifier", None):
         check_classifier_path(a.classifier)
     _preflight_out(a)
@@ -494,6 +539,49 @@ def _cache_command(action: str) -> None:
               + f"  [{d['folder']}]")
 
 
+def _run_pretrain(a, started: float, progress):
+    """`medcl pretrain`: the folder's defaults (or a recipe, or the saved run), typed flags over them."""
+    from pathlib import Path
+
+    from .config import parse_set, saved_run, views_only
+    from .data.labels import labels_from_records, read_labels_csv, read_pairs_csv
+
+    saved = Path(a.out) / "config.yaml"
+    # resuming: what the user typed is applied to the saved config, so repeating the original flags is fine
+    base = saved_run(saved)[0] if a.resume and saved.is_file() else None
+    if base is None and (not a.config or views_only(a.config)):
+        base = _auto_base(a)
+    cfg = _pretrain_config(a, base)
+    task = dict(negative=a.negative, multiclass=a.multiclass)
+    labels = read_labels_csv(a.labels, a.data, a.positive, **task) if a.labels else None
+    probe = read_labels_csv(a.probe_labels, a.data, a.positive, **task) if a.probe_labels else None
+    if probe is None and str(a.data).endswith(".npz"):
+        from .data.discover import open_npz
+
+        try:  # the monitor only needs classes: a graded .npz (RetinaMNIST) is fine without --positive
+            probe = labels_from_records(open_npz(Path(a.data)).records, a.positive, a.negative,
+                                        a.multiclass or not a.positive)
+        except MedclError:
+            probe = None
+    pairs = read_pairs_csv(a.pairs, a.data) if a.pairs else None
+    from .train import pretrain
+
+    pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
+             pairs=pairs, progress=progress, allow_different_data=a.allow_different_data,
+             add_time=bool(a.resume and a.time), started_at=started, typed=parse_set(a.set))
+
+
+def _run_export(a):
+    if a.bundle:
+        from .bundle import export_bundle
+
+        export_bundle(a.bundle, a.checkpoint, a.classifier, a.overwrite)
+    else:
+        from .export import export_classifier
+
+        export_classifier(a.classifier, a.out, a.overwrite)
+
+
 def main(argv=None) -> int:
     from .timebudget import now
 
@@ -533,34 +621,7 @@ def main(argv=None) -> int:
 
             demo(a.out, a.dims, a.n, a.epochs, a.label_fraction, a.seed, a.overwrite, progress)
         elif a.command == "pretrain":
-            from pathlib import Path
-
-            from .config import saved_run, views_only
-            from .data.labels import labels_from_records, read_labels_csv, read_pairs_csv
-
-            saved = Path(a.out) / "config.yaml"
-            # resuming: what the user typed is applied to the saved config, so repeating the original flags is fine
-            base = saved_run(saved)[0] if a.resume and saved.is_file() else None
-            if base is None and (not a.config or views_only(a.config)):
-                base = _auto_base(a)
-            cfg = _pretrain_config(a, base)
-            task = dict(negative=a.negative, multiclass=a.multiclass)
-            labels = read_labels_csv(a.labels, a.data, a.positive, **task) if a.labels else None
-            probe = read_labels_csv(a.probe_labels, a.data, a.positive, **task) if a.probe_labels else None
-            if probe is None and str(a.data).endswith(".npz"):
-                from .data.discover import open_npz
-
-                try:  # the monitor only needs classes: a graded .npz (RetinaMNIST) is fine without --positive
-                    probe = labels_from_records(open_npz(Path(a.data)).records, a.positive, a.negative,
-                                                a.multiclass or not a.positive)
-                except MedclError:
-                    probe = None
-            pairs = read_pairs_csv(a.pairs, a.data) if a.pairs else None
-            from .train import pretrain
-
-            pretrain(a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, labels=labels, probe_labels=probe,
-                     pairs=pairs, progress=progress, allow_different_data=a.allow_different_data,
-                     add_time=bool(a.resume and a.time), started_at=started)
+            _run_pretrain(a, started, progress)
         elif a.command == "finetune":
             cfg = _pretrain_config(a)
             from .finetune import finetune
@@ -585,11 +646,11 @@ def main(argv=None) -> int:
         elif a.command == "evaluate":
             from .evaluate import evaluate
 
-            evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class,
-                     seeds=a.seeds, heads=a.heads, baseline=a.baseline, epochs=a.epochs, operating_point=a.operating_point,
+            evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class, seeds=a.seeds,
+                     heads=a.heads, baseline=a.baseline, epochs=a.epochs, operating_point=a.operating_point,
                      positive=a.positive, overwrite=a.overwrite, finetune_max_labels=a.finetune_max_labels,
                      progress=progress, negative=a.negative, multiclass=a.multiclass, select=_selection(a),
-                     selection=a.selection, resume=a.resume)
+                     selection=a.selection, resume=a.resume, compare=a.compare)
         elif a.command == "predict":
             from .predict import predict
 
@@ -597,9 +658,7 @@ def main(argv=None) -> int:
                     strict=a.strict, progress=progress, select=_selection(a), saliency=a.saliency,
                     saliency_method=a.saliency_method)
         elif a.command == "export":
-            from .export import export_classifier
-
-            export_classifier(a.classifier, a.out, a.overwrite)
+            _run_export(a)
         elif a.command == "select":
             from .select import select_scans
 

@@ -12,10 +12,10 @@ from .data.cache import build_for_encoder, write_skipped
 from .data.discover import open_source
 from .data.labels import labels_from_records, read_labels_csv
 from .data.preprocessing import Preprocessing
-from .encoders import load_encoder
 from .runs import prepare_out_dir
 from .progress import Phases
 from .runtime import encode, pick_device
+from .weights import open_checkpoint
 
 
 def embedding_map(features: np.ndarray, seed: int = 0):
@@ -35,7 +35,8 @@ def embedding_map(features: np.ndarray, seed: int = 0):
         from sklearn.manifold import TSNE
 
         pre = PCA(n_components=min(50, x.shape[1], len(x))).fit_transform(x)
-        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, (len(x) - 1) / 3)).fit_transform(pre), "t-SNE"
+        tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, (len(x) - 1) / 3))
+        return tsne.fit_transform(pre), "t-SNE"
     return PCA(n_components=2).fit_transform(x), "PCA"
 
 
@@ -77,7 +78,7 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
             log(f"note: {ft_dir} has no splits.csv: the projector cannot mark which scans the classifier trained on")
     else:
         model = None
-        encoder, extra = load_encoder(checkpoint)
+        encoder, extra = open_checkpoint(checkpoint, data, select, log)
         prep = Preprocessing.of(extra.get("data", {}))
     dims = prep.dims
     phases = Phases()
@@ -96,7 +97,8 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
     encoder = encoder.to(dev)
     feats = encode(encoder, scans, dev, progress=progress)
     phases.done("encode")
-    label_col = [table.labels[table.row_of(k)] if table is not None and table.row_of(k) is not None else "" for k in keys]
+    label_col = [table.labels[table.row_of(k)] if table is not None and table.row_of(k) is not None else ""
+                 for k in keys]
     patient_col = [(table.patient_of(k) or "") if table is not None else "" for k in keys]
     split_col = [(table.splits[table.row_of(k)] or "") if table is not None and table.row_of(k) is not None
                  else (r.split or "") for k, r in zip(keys, scans.records)]
@@ -109,7 +111,8 @@ def embed(checkpoint, data, out, labels=None, classifier=None, max_points: int =
         with torch.no_grad():
             logits = model.head(torch.as_tensor(feats, device=dev))
             prob_col = torch.softmax(logits, 1)[:, -1].cpu().numpy()
-    header = ["path", "label", "patient", "split"] + (["probability", "classifier_role"] if prob_col is not None else [])
+    header = ["path", "label", "patient", "split"] + (["probability", "classifier_role"] if prob_col is not None
+                                                      else [])
     meta = [[keys[i], label_col[i] or "-", patient_col[i] or "-", split_col[i] or "-"] +
             ([f"{prob_col[i]:.3f}", role_col[i] or "-"] if prob_col is not None else []) for i in range(len(keys))]
     np.savez_compressed(out / "embeddings.npz", features=feats, paths=np.array(keys), labels=np.array(label_col),

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorboard as tb
-from .encoders import Encoder, load_encoder
+from .data.preprocessing import Preprocessing
+from .encoders import Encoder
 from .errors import MedclError
 from .feature_heads import DEFAULT_HEADS
 from .finetune import budget_rows, choose_threshold, load_labeled, run_head, write_splits
@@ -33,6 +34,7 @@ from .metrics import bootstrap_ci, mean_ci, parse_operating_point, score
 from .progress import duration, eta_text, progress_mode
 from .runs import prepare_out_dir, write_json
 from .runtime import encode, pick_device, seed_everything
+from .weights import build_encoder_from, label, open_checkpoint, read_weights
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
@@ -55,10 +57,13 @@ def _budgets(fractions, per_class):
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
              heads=DEFAULT_HEADS, baseline: str = "finetune", epochs: int = 30, operating_point: str = "youden",
              positive=None, overwrite=False, device="auto", finetune_max_labels: int | None = None, progress=True,
-             log=print, negative=None, multiclass=False, select=None, selection=None, resume: bool = False) -> list:
+             log=print, negative=None, multiclass=False, select=None, selection=None, resume: bool = False,
+             compare=()) -> list:
     """selection: None (stratified random subsets, the default), or label-blind strategies of medcl.select
     (centroid, typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
-    protocol and controls. resume: continue the evaluation in `out` (see the module docstring)."""
+    protocol and controls. resume: continue the evaluation in `out` (see the module docstring). compare: WEIGHTS of
+    other encoders (medcl.weights), each a frozen control with the same heads on the same subsets, named
+    `external:<name>` in the results."""
     from .feature_heads import HEAD_TYPES, head_names
     from .select import STRATEGIES
 
@@ -78,24 +83,20 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                           resumable=True)
     t0 = time.perf_counter()
     dev = pick_device(device)
-    encoder, extra = load_encoder(checkpoint)
+    encoder, extra = open_checkpoint(checkpoint, data, select, log)
     settings = extra.get("data", {})
     ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
                       negative=negative, multiclass=multiclass, select=select, checkpoint=checkpoint)
+    external = _external_encoders(compare, Preprocessing.of(settings), log)
     identity = _identity(checkpoint, encoder, data, labels, ld, epochs=epochs, operating_point=operating_point,
-                         positive=positive, negative=negative, multiclass=multiclass)
+                         positive=positive, negative=negative, multiclass=multiclass,
+                         compare=[(name, w.sha256[:16]) for name, (w, _) in external.items()])
     done = _resume_rows(out, identity, log) if resume else {}
     if not resume:
         write_json(out / SETTINGS, identity)
         (out / RUNS).write_text("")
     write_splits(ld, out / "splits.csv")
-    encoder = encoder.to(dev)
-    log(f"encoding {len(ld.scans)} scans with the pretrained encoder, and with the same network at random weights "
-        f"(the control)")
-    feats = encode(encoder, ld.scans, dev, progress=progress, desc="encode (pretrained)")
-    seed_everything(0)
-    control_feats = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev, progress=progress,
-                           desc="encode (random-init control)")
+    features = _encode_all(encoder.to(dev), external, ld, dev, progress, log)  # .to moves the module in place
     feature_heads = [h for h in heads if h in HEAD_TYPES]
     budgets = _budgets(fractions, per_class)
     rows = []
@@ -110,7 +111,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     shares = {"pool": float(np.mean(ld.y[ld.split != "test"] == 1))} if ld.n_classes == 2 else None
     for i, ((kind, value), sel, seed) in enumerate(plan, 1):
         lab, pool, te = budget_rows(ld, value if kind == "fraction" else None, value if kind == "per_class" else None,
-                                    seed, selection=sel, features=feats)
+                                    seed, selection=sel, features=features["pretrained"])
         if shares is not None and sel:
             shares.setdefault((kind, value, sel), []).append(float(np.mean(ld.y[lab] == 1)))
         # the protocol's promise, checked on every run: test rows never train or select anything
@@ -119,7 +120,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         # training the network is the slow part on a CPU: finetune_max_labels skips it above that many labels
         train_net = finetune_max_labels is None or len(lab) <= finetune_max_labels
         runs = ([("pretrained", h) for h in heads if train_net or h != "finetune"] +
-                [("random-init", h) for h in feature_heads])
+                [(name, h) for name in ("random-init", *external) for h in feature_heads])
         if baseline == "finetune" and train_net:
             runs.append(("scratch", "finetune"))
         new_rows = []
@@ -146,7 +147,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                                     progress=progress)
             else:
                 fit, pte = run_head(head, encoder, ld, lab, pool, te, dev, seed,
-                                    features=feats if enc_name == "pretrained" else control_feats, epochs=epochs,
+                                    features=features[enc_name], epochs=epochs,
                                     progress=progress if head == "finetune" else inner)
             thr, _, expected = choose_threshold(ld, lab, fit, operating_point)
             m = score(ld.y[te], pte, thr)
@@ -194,7 +195,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         tb.log_hparams(sub, {"encoder": s["encoder"], "head": s["head"], "budget_kind": s["budget_kind"],
                              "selection": s["selection"],
                              "budget": s["budget"], "n_labeled": s["n_labeled"], "seeds": s["n_seeds"]},
-                       {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"], "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
+                       {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"],
+                        "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
         sub.close()
     writer.close()
     write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
@@ -210,6 +212,43 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
 
 
 CONTROLS = ("random-init", "scratch")
+
+
+def is_control(encoder: str) -> bool:
+    """random-init, scratch, and every --compare encoder (`external:...`): what a pretrained row must beat."""
+    return encoder in CONTROLS or encoder.startswith("external:")
+
+
+def _external_encoders(compare, prep: Preprocessing, log) -> dict:
+    """{external:<name>: (Weights, encoder)} for --compare, input channels adapted to the evaluated scans."""
+    out = {}
+    for source in compare or ():
+        w = read_weights(source, "--compare")
+        if w.dims != prep.dims:
+            raise MedclError(f"--compare {source}: {w.dims}D weights, but the scans are read as {prep.dims}D for the "
+                             f"evaluated encoder; compare encoders of the same dimensionality")
+        enc, report = build_encoder_from(w, prep.channels)
+        name = label(source)
+        name = name if name not in out else f"{name}-{len(out) + 1}"
+        out[name] = (w, enc)
+        log(f"--compare {source} as {name}: {w.layout}; {report['loaded']} of {report['of']} encoder tensors loaded"
+            + "".join(f"; {a}" for a in report["adapted"]) + f"; fed the scans as read for the evaluated encoder "
+            f"({prep.size} px, {prep.channels} channel(s))")
+    return out
+
+
+def _encode_all(encoder, external: dict, ld, dev, progress, log) -> dict:
+    """{encoder name: features of every scan}: the pretrained encoder, the same network at random weights (the
+    control) and each --compare encoder."""
+    log(f"encoding {len(ld.scans)} scans with the pretrained encoder, and with the same network at random weights "
+        f"(the control)" + (f" and {len(external)} --compare encoder(s)" if external else ""))
+    features = {"pretrained": encode(encoder, ld.scans, dev, progress=progress, desc="encode (pretrained)")}
+    seed_everything(0)
+    features["random-init"] = encode(Encoder(**encoder.spec).to(dev), ld.scans, dev, progress=progress,
+                                     desc="encode (random-init control)")
+    for name, (_, enc) in external.items():
+        features[name] = encode(enc.to(dev), ld.scans, dev, progress=progress, desc=f"encode ({name})")
+    return features
 
 
 def _row_key(kind, budget, selection, seed, encoder, head) -> tuple:
@@ -283,7 +322,7 @@ def gains_over_best_control(rows, summary) -> list:
     for kind, budget, sel in dict.fromkeys((s["budget_kind"], s["budget"], s["selection"]) for s in summary):
         cands = [s for s in summary if (s["budget_kind"], s["budget"], s["selection"]) == (kind, budget, sel)]
         mine = [s for s in cands if s["encoder"] == "pretrained" and np.isfinite(s["auc_mean"])]
-        ctrl = [s for s in cands if s["encoder"] in CONTROLS and np.isfinite(s["auc_mean"])]
+        ctrl = [s for s in cands if is_control(s["encoder"]) and np.isfinite(s["auc_mean"])]
         if not mine or not ctrl:
             continue
         best, rival = max(mine, key=lambda s: s["auc_mean"]), max(ctrl, key=lambda s: s["auc_mean"])
@@ -414,9 +453,10 @@ def summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=Fals
                   f"accuracy/sensitivity/specificity ({operating_point}) come from cross-validation inside the "
                   f"labeled scans (out-of-fold predictions); the test split is only ever predicted",
                   "- encoders: `pretrained`; controls on the same subsets: `random-init` (the same network with random "
-                  "weights and the same heads) and `scratch` (the network trained end to end from random weights)",
-                  "- cells: mean ± sd over seeds [95% t-interval of the mean, clipped to 0-1]; with one seed, a bootstrap "
-                  "CI over test scans; † fewer than 3 seeds: the interval is not trustworthy", ""]
+                  "weights and the same heads), `scratch` (the network trained end to end from random weights) and "
+                  "`external:*` (other weights given with --compare, frozen, with the same heads)",
+                  "- cells: mean ± sd over seeds [95% t-interval of the mean, clipped to 0-1]; with one seed, a "
+                  "bootstrap CI over test scans; † fewer than 3 seeds: the interval is not trustworthy", ""]
     lines += ["| budget | labels | encoder | head | AUC | balanced acc. | sensitivity | specificity |",
               "|---|---|---|---|---|---|---|---|"]
 
@@ -443,12 +483,13 @@ def summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=Fals
 
 
 def _best_per_budget(summary, encoders) -> list:
-    """Per budget, the summary row with the highest mean AUC among `encoders` (on stratified subsets when there are
-    any, else on whichever strategy drew them), ordered by labels."""
+    """Per budget, the summary row with the highest mean AUC among `encoders` (names, or "controls": every control of
+    is_control) on stratified subsets when there are any, else on whichever strategy drew them; ordered by labels."""
     best: dict = {}
     stratified = any(s["selection"] == "stratified" for s in summary)
     for s in summary:
-        if s["encoder"] in encoders and (s["selection"] == "stratified" or not stratified) \
+        mine = is_control(s["encoder"]) if encoders == "controls" else s["encoder"] in encoders
+        if mine and (s["selection"] == "stratified" or not stratified) \
                 and np.isfinite(s["auc_mean"]):
             key = (s["budget_kind"], s["budget"])
             if key not in best or s["auc_mean"] > best[key]["auc_mean"]:
@@ -487,11 +528,11 @@ def learning_curve(summary, path: Path) -> None:
     plt = _plt()
     fig, (lead, ax) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     best = _best_per_budget(summary, ("pretrained",))
-    control = _best_per_budget(summary, ("random-init", "scratch"))
+    control = _best_per_budget(summary, "controls")
     if best:
         _curve(lead, best, "o-", "best pretrained row", names=True)
     if control:
-        _curve(lead, control, "s--", "best control (random-init or scratch)", names=True)
+        _curve(lead, control, "s--", "best control (random-init, scratch or --compare)", names=True)
     _counts_axis(lead, summary, "Best pretrained vs best control (95% CI over seeds)")
     series: dict = {}
     for s in summary:

@@ -15,12 +15,13 @@ from .data.cache import ScanSet, build_for_encoder, write_skipped
 from .data.discover import open_source
 from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
 from .data.preprocessing import Preprocessing
-from .encoders import Encoder, atomic_save, build_encoder, load_encoder
+from .encoders import Encoder, atomic_save, build_encoder
 from .errors import LabelsError, MedclError
 from .heads import Classifier
 from .metrics import bootstrap_ci, operating_threshold, parse_operating_point, score
 from .runs import prepare_out_dir, write_json
 from .runtime import encode, pick_device, seed_everything
+from .weights import open_checkpoint
 
 CLASSIFIER_FORMAT = "medcl-classifier-v1"
 
@@ -39,13 +40,14 @@ class LabeledData:
         return 2 if self.table.binary else len(self.table.classes)
 
 
-def load_encoder_or_scratch(checkpoint, cfg: MedclConfig):
-    """(encoder, data settings). checkpoint 'none' builds the same kind of network with random weights."""
+def load_encoder_or_scratch(checkpoint, cfg: MedclConfig, data=None, select=None, log=print):
+    """(encoder, data settings). checkpoint 'none' builds the same kind of network with random weights; WEIGHTS from
+    another tool read the scans with the folder's default preprocessing (medcl.weights.open_checkpoint)."""
     if checkpoint is None or str(checkpoint).lower() == "none":
         seed_everything(cfg.train.seed)
         enc = build_encoder(cfg)
         return enc, Preprocessing.of(cfg.data).to_dict(), "none"
-    enc, extra = load_encoder(checkpoint)
+    enc, extra = open_checkpoint(checkpoint, data, select, log)
     return enc, extra.get("data", {}), str(checkpoint)
 
 
@@ -263,10 +265,9 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         parse_operating_point(operating_point)
     except ValueError as e:
         raise MedclError(str(e)) from None
-    out = prepare_out_dir(out, data, overwrite=overwrite, marker="metrics.json")
-    t0 = time.perf_counter()
+    out, t0 = prepare_out_dir(out, data, overwrite=overwrite, marker="metrics.json"), time.perf_counter()
     device = pick_device(cfg.train.device)
-    encoder, settings, ck = load_encoder_or_scratch(checkpoint, cfg)
+    encoder, settings, ck = load_encoder_or_scratch(checkpoint, cfg, data, select, log)
     if ck == "none" and head != "finetune":
         log(f"note: --checkpoint none with a frozen-feature head ({head}) is the random-init control (random "
             "features, the same head): what a pretrained encoder must beat; --mode finetune trains the network "
@@ -302,8 +303,8 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         names = ld.table.class_names()
         w.writerow(["path", "label", "target"] + [f"prob_{n}" for n in names] + ["predicted"])
         for i, p in zip(te, pte):
-            pred = int(p[1] >= thr) if binary else int(p.argmax())
-            w.writerow([ld.scans.records[i].key, ld.table.labels[i], int(ld.y[i])] + [f"{v:.6f}" for v in p] + [names[pred]])
+            name = names[int(p[1] >= thr) if binary else int(p.argmax())]
+            w.writerow([ld.scans.records[i].key, ld.table.labels[i], int(ld.y[i]), *(f"{v:.6f}" for v in p), name])
     if fit.classifier is not None:
         # the labeled scans' out-of-fold predictions travel with the classifier: `medcl predict` can then choose
         # another operating point without the training data
@@ -326,6 +327,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
     log(f"test ({len(te)} scans): AUC {test['auc']:.3f} [95% CI {lo:.3f}-{hi:.3f}], accuracy {test['accuracy']:.3f}, "
         f"balanced accuracy {test['balanced_accuracy']:.3f}" +
         (f", sensitivity {test['sensitivity']:.3f}, specificity {test['specificity']:.3f}" if binary else ""))
-    log(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'}, {out / 'splits.csv'}"
-        f"{', ' + str(out / 'classifier.pt') if fit.classifier is not None else ''}, TensorBoard events in {out / 'tb'}")
+    clf = f", {out / 'classifier.pt'}" if fit.classifier is not None else ""
+    log(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'}, {out / 'splits.csv'}{clf}, TensorBoard events in "
+        f"{out / 'tb'}")
     return metrics

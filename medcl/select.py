@@ -247,16 +247,16 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     from .data.cache import build_for_encoder, write_skipped
     from .data.discover import open_source
     from .data.labels import read_scan_list
-    from .encoders import load_encoder
     from .runs import prepare_out_dir, write_json
     from .runtime import encode, pick_device
+    from .weights import open_checkpoint
 
     if strategy not in STRATEGIES:
         raise SelectionError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
     if budget < 1:
         raise SelectionError(f"--budget {budget}: must be at least 1.")
     t0 = time.perf_counter()
-    encoder, extra = load_encoder(checkpoint)
+    encoder, extra = open_checkpoint(checkpoint, data, select, log)
     prep = Preprocessing.of(extra.get("data", {}))
     dims = prep.dims
     source = open_source(data, dims, "all", select)

@@ -29,6 +29,7 @@ from .runs import NEVER_TRAINED, never_trained, prepare_out_dir
 from .timebudget import TimeBudget, parse_duration
 from .runtime import encode, pick_device, seed_everything  # noqa: F401 (also medcl.train.encode, as before)
 from .views import BatchedViews, TwoViewDataset, _seed, engine_report, monai_transform, resolve_backend
+from .weights import apply_architecture, load_into, read_weights
 from . import tensorboard as tb
 
 
@@ -333,10 +334,48 @@ def _checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_c
             "config": cfg.to_dict()}
 
 
+def _quiet(*args):
+    pass
+
+
+def _read_init(cfg, typed, ckpt, provenance, now_on: dict, log):
+    """--init (encoder.init): the weights to start from, which decide the architecture, recorded in trained_on; None
+    when there is none, or when a resumed run's checkpoint holds what it learned since."""
+    if cfg.encoder.init and ckpt is None:
+        init = read_weights(cfg.encoder.init, "--init")
+        apply_architecture(cfg, init, typed, log)
+        now_on["init"] = init.record()
+        return init
+    if provenance and provenance.get("init"):
+        now_on["init"] = provenance["init"]
+    return None
+
+
+def _load_init(encoder, init, now_on: dict, log) -> None:
+    now_on["init"].update(load_into(encoder, init))
+    log(f"--init {init.source}: {init.layout}; {now_on['init']['loaded']} of {now_on['init']['of']} encoder tensors "
+        f"loaded" + "".join(f"; {a}" for a in now_on["init"]["adapted"]) +
+        (f"; {len(init.ignored)} other tensors of the file left out (its head, momentum copies)" if init.ignored else ""))
+
+
+def _pair_arrays(pairs, scans, cfg, data):
+    """(index of a, index of b) per pair of a pairs CSV, or None."""
+    if pairs is None:
+        return None
+    if cfg.method.name != "pair":
+        raise MedclError("a pairs CSV is for method.name=pair.")
+    where = {r.key: i for i, r in enumerate(scans.records)}
+    lost = [k for a, b, _ in pairs for k in (a, b) if k not in where]
+    if lost:
+        raise MedclError(f"{len(lost)} paths of the pairs CSV are not usable scans under {data} "
+                         f"(first: {lost[:3]}); see skipped.csv for unreadable ones.")
+    return np.array([where[a] for a, _, _ in pairs]), np.array([where[b] for _, b, _ in pairs])
+
+
 def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, overwrite: bool = False,
              labels=None, probe_labels=None, epochs: int | None = None, pairs=None, progress: bool = True,
              log=print, allow_different_data: bool = False, add_time: bool = False,
-             started_at: float | None = None) -> Path:
+             started_at: float | None = None, typed: dict | None = None) -> Path:
     """Pretrain an encoder on the scans in `data` (folder or MedMNIST .npz). Returns the run folder.
 
     Writes config.yaml, checkpoints/last.pt (every epoch, atomically), encoder.pt, skipped.csv and TensorBoard events.
@@ -347,6 +386,8 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     `pairs`: [(key_a, key_b, similar)] from a pairs CSV, for method.name=pair.
     `cfg.train.time_budget` (e.g. "20m"): as many steps as fit, the schedule fitted to them (medcl.timebudget); a
     resumed run finishes its planned steps, or with `add_time` trains that much longer.
+    `cfg.encoder.init`: weights to start from (medcl.weights); they decide the architecture, except that a key in
+    `typed` ({section: {key: value}}, what the user set by hand) that contradicts them is an error.
     """
     # a time budget counts from the command's start (started_at) or from here: setup and decoding are part of it
     t_start = started_at if started_at is not None else timebudget.now()
@@ -405,6 +446,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         now_on["earlier"] = list(provenance.get("earlier", [])) + [{k: v for k, v in provenance.items() if k != "earlier"}]
     elif provenance and provenance.get("earlier"):
         now_on["earlier"] = provenance["earlier"]
+    init = _read_init(cfg, typed, ckpt, provenance, now_on, log if main else _quiet)
     if main:
         save_config(cfg, saved, trained_on=now_on)
     seed_everything(cfg.train.seed)
@@ -422,16 +464,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         if scans.skipped:
             log(f"skipped {len(scans.skipped)} unusable scans (listed in {out / 'skipped.csv'})")
 
-    pair_arrays = None
-    if pairs is not None:
-        if cfg.method.name != "pair":
-            raise MedclError("a pairs CSV is for method.name=pair.")
-        where = {r.key: i for i, r in enumerate(scans.records)}
-        lost = [k for a, b, _ in pairs for k in (a, b) if k not in where]
-        if lost:
-            raise MedclError(f"{len(lost)} paths of the pairs CSV are not usable scans under {data} "
-                             f"(first: {lost[:3]}); see skipped.csv for unreadable ones.")
-        pair_arrays = (np.array([where[a] for a, _, _ in pairs]), np.array([where[b] for _, b, _ in pairs]))
+    pair_arrays = _pair_arrays(pairs, scans, cfg, data)
     n_items = len(pairs) if pairs is not None else len(scans)
     world = dist.world_size()
     global_batch = min(cfg.train.batch_size, n_items // world * world)
@@ -442,6 +475,10 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
         log(f"note: batch size lowered to {global_batch} (only {len(scans)} scans)")
 
     encoder = build_encoder(cfg)
+    if init is not None:  # before the method copies the encoder into its momentum/teacher branch
+        _load_init(encoder, init, now_on, log if main else _quiet)
+        if main:
+            save_config(cfg, saved, trained_on=now_on)
     method = build_method(cfg.method.name, encoder, cfg.method, image_size=cfg.data.size).to(device)
     n_local = method.cfg.local_crops
     local_size = local_view_size(cfg.method, cfg.data.size, encoder.spec) if n_local else 0

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1] / "medcl"
 MAX_LINES = 80
 # functions still over MAX_LINES, with their length today: they may shrink, not grow, and no other may join them
 # (the training loop, the parser, evaluate's protocol loop and the cache builder are the next to split: issue 32)
-LONG = {"train.pretrain": 363, "cli.build_parser": 252, "evaluate.evaluate": 155, "data.cache.build_cache": 150,
-        "select.select_scans": 141, "cli.main": 121, "select.choose": 99, "predict.predict": 94, "train.epoch": 90,
+LONG = {"train.pretrain": 359, "cli.build_parser": 252, "evaluate.evaluate": 155, "data.cache.build_cache": 150,
+        "select.select_scans": 141, "cli.main": 92, "select.choose": 99, "predict.predict": 94, "train.epoch": 90,
         "finetune.finetune": 83}
 
 
