@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suite import DATASETS, ROOT, medcl, non_test_files  # noqa: E402
 
+from medcl.train.resume import finished  # noqa: E402
+
 BUDGETS = ["--fractions", "0.01", "1.0", "--per-class", "10"]
 HEADS = ["knn", "linear", "proto", "spread", "selftrain"]
 
@@ -42,7 +44,7 @@ def pretrain(name: str, mult: int, out: Path, base_epochs: int | None, extra: li
     run = out / f"pretrain_x{mult}"
     times_file = out / "timings.json"
     timings = json.loads(times_file.read_text()) if times_file.is_file() else {}
-    if (run / "encoder.pt").is_file():
+    if finished(run):
         return run, timings
     args = ["pretrain", data, "--out", run, *non_test_files(name, data, labels, out), *extra]
     if mult > 1:
@@ -81,7 +83,7 @@ def collect(out: Path, datasets, multiples) -> list:
         timings = json.loads((d / "timings.json").read_text()) if (d / "timings.json").is_file() else {}
         for m in multiples:
             run, proto = d / f"pretrain_x{m}", d / f"eval_x{m}" / "protocol.json"
-            if not (run / "encoder.pt").is_file() or not proto.is_file():
+            if not finished(run) or not proto.is_file():
                 continue
             views = 2 * n_scans(run) * epochs_of(run)
             for g in json.loads(proto.read_text())["gain_over_best_control"]:

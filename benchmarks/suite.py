@@ -98,10 +98,13 @@ def run_dataset(name, a) -> dict | None:
     times_file = out / "timings.json"
     timings = json.loads(times_file.read_text()) if times_file.is_file() else {}
     if a.stage in ("all", "pretrain"):
-        if (pre / "encoder.pt").is_file():
+        from medcl.train.resume import finished
+
+        if finished(pre):
             print(f"{name}: reusing the pretraining run in {pre}")
-        else:
-            args = ["pretrain", data, "--out", pre, "--overwrite", *non_test_files(name, data, labels, out), *a.pretrain_args]
+        else:  # encoder.pt is written after every epoch: an interrupted run continues from its checkpoint
+            again = "--resume" if (pre / "checkpoints" / "last.pt").is_file() else "--overwrite"
+            args = ["pretrain", data, "--out", pre, again, *non_test_files(name, data, labels, out), *a.pretrain_args]
             timings["pretrain_s"] = medcl(args, out / "pretrain.log")
             times_file.write_text(json.dumps(timings))
             print(f"{name}: pretrained in {timings['pretrain_s'] / 60:.1f} min "
