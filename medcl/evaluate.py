@@ -64,21 +64,9 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     protocol and controls. resume: continue the evaluation in `out` (see the module docstring). compare: WEIGHTS of
     other encoders (medcl.weights), each a frozen control with the same heads on the same subsets, named
     `external:<name>` in the results."""
-    from .feature_heads import HEAD_TYPES, head_names
-    from .select import STRATEGIES
+    from .feature_heads import HEAD_TYPES
 
-    unknown = [h for h in heads if h not in head_names()]
-    if unknown:
-        raise MedclError(f"--heads {' '.join(unknown)}: unknown; choose from {', '.join(head_names())}")
-    try:
-        parse_operating_point(operating_point)
-    except ValueError as e:
-        raise MedclError(str(e)) from None
-    selections = [None] if not selection else list(dict.fromkeys([selection] if isinstance(selection, str)
-                                                                  else selection))
-    bad = [s for s in selections if s is not None and s not in STRATEGIES]
-    if bad:
-        raise MedclError(f"--selection {' '.join(bad)}: unknown; choose from {', '.join(STRATEGIES)}")
+    selections = _check_settings(heads, operating_point, selection)
     out = prepare_out_dir(out, data, resume=resume, overwrite=overwrite, marker=SETTINGS if resume else "results.csv",
                           resumable=True)
     t0 = time.perf_counter()
@@ -142,29 +130,18 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
             t1 = time.perf_counter()
             if enc_name == "scratch":
                 seed_everything(seed)
-                enc = Encoder(**encoder.spec).to(dev)
-                fit, pte = run_head(head, enc, ld, lab, pool, te, dev, seed, epochs=epochs, pretrained=False,
-                                    progress=progress)
+                fit, pte = run_head(head, Encoder(**encoder.spec).to(dev), ld, lab, pool, te, dev, seed,
+                                    epochs=epochs, pretrained=False, progress=progress)
             else:
-                fit, pte = run_head(head, encoder, ld, lab, pool, te, dev, seed,
-                                    features=features[enc_name], epochs=epochs,
-                                    progress=progress if head == "finetune" else inner)
-            thr, _, expected = choose_threshold(ld, lab, fit, operating_point)
-            m = score(ld.y[te], pte, thr)
-            row = {"budget_kind": kind, "budget": value, "selection": sel or "stratified",
-                   "classes_labeled": len(np.unique(ld.y[lab])), "n_labeled": len(lab), "n_unlabeled": len(pool),
-                   "n_test": len(te), "seed": seed, "subset": subset, "encoder": enc_name, "head": head,
-                   "threshold": round(thr, 4), **{k: m.get(k, float("nan")) for k in METRICS},
-                   "expected_sensitivity": expected.get("sensitivity", float("nan")),
-                   "expected_specificity": expected.get("specificity", float("nan")),
-                   "seconds": round(time.perf_counter() - t1, 1)}
-            if seeds == 1:
-                lo, hi = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=seed, threshold=thr)
-                row["auc_boot_lo"], row["auc_boot_hi"] = lo, hi
+                fit, pte = run_head(head, encoder, ld, lab, pool, te, dev, seed, features=features[enc_name],
+                                    epochs=epochs, progress=progress if head == "finetune" else inner)
+            row = _score_row(ld, lab, pool, te, fit, pte, operating_point, bootstrap=seeds == 1,
+                             budget_kind=kind, budget=value, selection=sel or "stratified", seed=seed, subset=subset,
+                             encoder=enc_name, head=head, seconds=round(time.perf_counter() - t1, 1))
             rows.append(row)
             new_rows.append(row)
             tag = f"{enc_name}_{head}" + (f"_{sel}" if sel else "")
-            tb.log_scalars(writer, {"auc": m["auc"], "balanced_accuracy": m["balanced_accuracy"]}, len(lab),
+            tb.log_scalars(writer, {"auc": row["auc"], "balanced_accuracy": row["balanced_accuracy"]}, len(lab),
                            f"eval_{kind}/{tag}/seed{seed}/")
         _append_rows(out / RUNS, new_rows)
         computed += bool(new_rows)
@@ -187,17 +164,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     (out / "summary.md").write_text(summary_markdown(summary, ld, checkpoint, seeds, operating_point) + "\n" +
                                     gain_markdown(gain) + selection_markdown(rows, shares))
     learning_curve(summary, out / "learning_curve.png")
-    shutil.rmtree(out / "tb" / "hparams", ignore_errors=True)  # a resumed evaluation writes them afresh, not twice
-    for s in summary:  # hparams: one entry per budget x head x encoder so TensorBoard's HParams tab can compare them
-        sel = "" if s["selection"] == "stratified" else f"_{s['selection']}"
-        sub = tb.open_writer(out / "tb" / "hparams" /
-                             f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}{sel}")
-        tb.log_hparams(sub, {"encoder": s["encoder"], "head": s["head"], "budget_kind": s["budget_kind"],
-                             "selection": s["selection"],
-                             "budget": s["budget"], "n_labeled": s["n_labeled"], "seeds": s["n_seeds"]},
-                       {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"],
-                        "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
-        sub.close()
+    _write_hparams(summary, out / "tb" / "hparams")
     writer.close()
     write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
                                        "heads": list(heads), "baseline": baseline, "operating_point": operating_point,
@@ -212,6 +179,58 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
 
 
 CONTROLS = ("random-init", "scratch")
+
+
+def _check_settings(heads, operating_point, selection) -> list:
+    """Mistakes in the settings, before anything runs; returns the selection strategies (None: stratified)."""
+    from .feature_heads import head_names
+    from .select import STRATEGIES
+
+    unknown = [h for h in heads if h not in head_names()]
+    if unknown:
+        raise MedclError(f"--heads {' '.join(unknown)}: unknown; choose from {', '.join(head_names())}")
+    try:
+        parse_operating_point(operating_point)
+    except ValueError as e:
+        raise MedclError(str(e)) from None
+    selections = [None] if not selection else list(dict.fromkeys([selection] if isinstance(selection, str)
+                                                                  else selection))
+    bad = [s for s in selections if s is not None and s not in STRATEGIES]
+    if bad:
+        raise MedclError(f"--selection {' '.join(bad)}: unknown; choose from {', '.join(STRATEGIES)}")
+    return selections
+
+
+def _score_row(ld, lab, pool, te, fit, pte, operating_point, bootstrap: bool, **keys) -> dict:
+    """One results.csv row: the test metrics at the threshold chosen out of fold, and what the labeled scans expect
+    of it; with one seed, a bootstrap interval of the AUC over the test scans."""
+    thr, _, expected = choose_threshold(ld, lab, fit, operating_point)
+    m = score(ld.y[te], pte, thr)
+    row = {"budget_kind": keys.pop("budget_kind"), "budget": keys.pop("budget"), "selection": keys.pop("selection"),
+           "classes_labeled": len(np.unique(ld.y[lab])), "n_labeled": len(lab), "n_unlabeled": len(pool),
+           "n_test": len(te), "seed": keys["seed"], "subset": keys["subset"], "encoder": keys["encoder"],
+           "head": keys["head"], "threshold": round(thr, 4), **{k: m.get(k, float("nan")) for k in METRICS},
+           "expected_sensitivity": expected.get("sensitivity", float("nan")),
+           "expected_specificity": expected.get("specificity", float("nan")), "seconds": keys["seconds"]}
+    if bootstrap:
+        row["auc_boot_lo"], row["auc_boot_hi"] = bootstrap_ci(ld.y[te], pte, "auc", n=500, seed=keys["seed"],
+                                                              threshold=thr)
+    return row
+
+
+def _write_hparams(summary, folder: Path) -> None:
+    """One TensorBoard hparams entry per budget x head x encoder, so the HParams tab can compare them; a resumed
+    evaluation writes them afresh, not twice."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for s in summary:
+        sel = "" if s["selection"] == "stratified" else f"_{s['selection']}"
+        sub = tb.open_writer(folder / f"{s['encoder']}_{s['head']}_{s['budget_kind']}{s['budget']}{sel}")
+        tb.log_hparams(sub, {"encoder": s["encoder"], "head": s["head"], "budget_kind": s["budget_kind"],
+                             "selection": s["selection"], "budget": s["budget"], "n_labeled": s["n_labeled"],
+                             "seeds": s["n_seeds"]},
+                       {"auc_mean": s["auc_mean"], "auc_ci95": s["auc_ci95"],
+                        "balanced_accuracy_mean": s["balanced_accuracy_mean"]})
+        sub.close()
 
 
 def is_control(encoder: str) -> bool:
