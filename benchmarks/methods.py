@@ -45,13 +45,14 @@ def feature_geometry(checkpoint, data, cfg, positive=None) -> dict:
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
+    from medcl.data.labels import Task
     from medcl.finetune import load_encoder_or_scratch, load_labeled
     from medcl.metrics import score
     from medcl.monitors import collapse_metrics
     from medcl.runtime import encode
 
     enc, settings, _ = load_encoder_or_scratch(checkpoint, cfg)
-    ld = load_labeled(data, None, settings, positive, progress=False, log=lambda *x: None)
+    ld = load_labeled(data, None, settings, Task(positive), progress=False, log=lambda *x: None)
     f = encode(enc, ld.scans, torch.device("cpu"))
     test = ld.split == "test"
     pca = PCA(2, random_state=0).fit(f[~test])
@@ -89,7 +90,7 @@ def main():
 
     from medcl.config import load_config, parse_set
     from medcl.data.discover import open_npz
-    from medcl.data.labels import labels_from_records, select_budget
+    from medcl.data.labels import Task, labels_from_records, select_budget
     from medcl.evaluate import evaluate, gains_over_best_control, summarize
     from medcl.train import pretrain
 
@@ -142,7 +143,7 @@ def main():
         done = out / f"{m}_eval" / "results.csv"
         ev = read_results(done) if done.is_file() else evaluate(
             out / m, a.data, None, out / f"{m}_eval", fractions=a.fractions, per_class=a.per_class, seeds=a.seeds,
-            heads=("linear",), baseline="none", positive=a.positive, progress=False, log=lambda *x: None,
+            heads=("linear",), baseline="none", task=Task(a.positive), progress=False, log=lambda *x: None,
             overwrite=True)
         geo = feature_geometry(out / m, a.data, cfg, a.positive)
         # with one head and no scratch run, evaluate's "best pretrained vs best control" is pretrained/linear vs

@@ -89,14 +89,14 @@ def load_labeled_without_test(load_labeled, data, labels, settings, positive):
     import tempfile
 
     from medcl.data.discover import Selection
-    from medcl.data.labels import make_splits, read_labels_csv
+    from medcl.data.labels import Task, make_splits, read_labels_csv
 
     table = read_labels_csv(labels, data, positive, multiclass=positive is None)
     split = make_splits(table.y(), np.array(table.patients, dtype=object), seed=0)
     keep = [k for k, s in zip(table.keys, split) if s != "test"]
     listed = Path(tempfile.mkdtemp()) / "non_test.txt"
     listed.write_text("\n".join(keep) + "\n")
-    ld = load_labeled(data, labels, settings, positive, progress=False, log=lambda *a: None,
+    ld = load_labeled(data, labels, settings, Task(positive), progress=False, log=lambda *a: None,
                       select=Selection.make(files=str(listed)))
     assert {r.key for r in ld.scans.records} <= set(keep)  # no held-out test scan
     # load_labeled re-splits the non-test rows (seed 0); its own "test" part is validation data here, never the

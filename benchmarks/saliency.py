@@ -30,6 +30,7 @@ def main():
     import torch
 
     from medcl.config import MedclConfig, apply_overrides
+    from medcl.data.labels import Task
     from medcl.data.readers import read_scan
     from medcl.data.synthetic import make_phantoms
     from medcl.demo import DEMO_SETTINGS
@@ -47,9 +48,9 @@ def main():
         data = make_phantoms(out / "train", n=400, dims=2, size=48, seed=0)
         cfg = apply_overrides(MedclConfig(), DEMO_SETTINGS[2], "demo settings")
         pretrain(data, out / "pretrain", cfg, overwrite=True, **quiet)
-        finetune(out / "pretrain", data, data / "labels.csv", out / "probe", label_fraction=0.1, positive="diseased",
+        finetune(out / "pretrain", data, data / "labels.csv", out / "probe", label_fraction=0.1, task=Task("diseased"),
                  overwrite=True, **quiet)
-        finetune(out / "pretrain", data, data / "labels.csv", out / "network", mode="finetune", positive="diseased",
+        finetune(out / "pretrain", data, data / "labels.csv", out / "network", mode="finetune", task=Task("diseased"),
                  overwrite=True, epochs=15, **quiet)
     new = make_phantoms(out / "new", n=100, dims=2, size=48, seed=5, masks_to=out / "masks")
     rows = [ln.split(",") for ln in (new / "labels.csv").read_text().splitlines()[1:]]

@@ -2,6 +2,7 @@
 
 Python API mirrors the CLI: medcl.pretrain(...), medcl.finetune(...), medcl.embed(...), medcl.evaluate(...),
 medcl.select(...), medcl.predict(...), medcl.export(...), medcl.demo(...);
+medcl.Task(positive=..., operating_point=...) says which classes are diseased (finetune, evaluate);
 medcl.load_classifier(FT_DIR).predict(paths_or_arrays) and medcl.load_encoder(RUN_DIR)(tensor) for your own code.
 """
 import logging as _logging
@@ -17,7 +18,7 @@ _logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERR
 _API = {"pretrain": ("train", "pretrain"), "finetune": ("finetune", "finetune"), "embed": ("embed", "embed"),
         "evaluate": ("evaluate", "evaluate"), "select": ("select", "select_scans"), "predict": ("predict", "predict"),
         "export": ("export", "export_classifier"), "load_classifier": ("predict", "load_classifier"),
-        "load_encoder": ("encoders", "open_encoder"), "demo": ("demo", "demo")}
+        "load_encoder": ("encoders", "open_encoder"), "demo": ("demo", "demo"), "Task": ("data.labels", "Task")}
 
 
 def __getattr__(name):

@@ -4,12 +4,14 @@ from __future__ import annotations
 import time
 
 from .config import MedclConfig, apply_overrides
+from .data.labels import Task
 from .data.synthetic import make_phantoms
 from .embed import embed
 from .finetune import finetune
 from .runs import prepare_out_dir, write_json
 from .train import pretrain
 
+DISEASED = Task(positive="diseased")  # the phantoms' labels.csv: healthy / diseased
 DEMO_SETTINGS = {
     2: {"data": {"dims": 2, "size": 48}, "encoder": {"name": "resnet18", "widen_factor": 0.5},
         "train": {"epochs": 8, "batch_size": 64, "log_every": 2, "monitor_every": 5},
@@ -61,10 +63,10 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
     pretrain(data, out / "pretrain", cfg, progress=progress, log=log)
     log(f"[3/5] linear probe with {label_fraction:.0%} of the training labels")
     m = finetune(out / "pretrain", data, data / "labels.csv", out / "finetune", label_fraction=label_fraction,
-                 mode="probe", seed=seed, positive="diseased", progress=progress, log=log)
+                 mode="probe", seed=seed, task=DISEASED, progress=progress, log=log)
     log("[4/5] control: the same network with random weights and the same probe, on the same labeled scans")
     c = finetune("none", data, data / "labels.csv", out / "control", label_fraction=label_fraction, mode="probe",
-                 seed=seed, positive="diseased", cfg=cfg, progress=progress, log=log)
+                 seed=seed, task=DISEASED, cfg=cfg, progress=progress, log=log)
     log("[5/5] embeddings for the TensorBoard projector")
     embed(out / "pretrain", data, out / "embed", labels=data / "labels.csv",
           classifier=out / "finetune", progress=progress, log=log)

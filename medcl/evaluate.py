@@ -15,6 +15,7 @@ finished evaluation grows: more seeds, another budget or head.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tensorboard as tb
+from .data.labels import Task
 from .data.preprocessing import Preprocessing
 from .encoders import Encoder
 from .errors import MedclError
@@ -55,17 +57,17 @@ def _budgets(fractions, per_class):
 
 
 def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seeds: int = 5,
-             heads=DEFAULT_HEADS, baseline: str = "finetune", epochs: int = 30, operating_point: str = "youden",
-             positive=None, overwrite=False, device="auto", finetune_max_labels: int | None = None, progress=True,
-             log=print, negative=None, multiclass=False, select=None, selection=None, resume: bool = False,
-             compare=()) -> list:
-    """selection: None (stratified random subsets, the default), or label-blind strategies of medcl.select
-    (centroid, typiclust, kcenter, random), each run on every budget and seed, so their gain is measured with the same
-    protocol and controls. resume: continue the evaluation in `out` (see the module docstring). compare: WEIGHTS of
+             heads=DEFAULT_HEADS, baseline: str = "finetune", epochs: int = 30, task: Task = Task(), overwrite=False,
+             device="auto", finetune_max_labels: int | None = None, progress=True, log=print, select=None,
+             selection=None, resume: bool = False, compare=()) -> list:
+    """task: which classes are diseased, and the operating point (medcl.Task). selection: None (stratified random
+    subsets, the default), or label-blind strategies of medcl.select (centroid, typiclust, kcenter, random), each run
+    on every budget and seed, so their gain is measured with the same protocol and controls. resume: continue the evaluation in `out` (see the module docstring). compare: WEIGHTS of
     other encoders (medcl.weights), each a frozen control with the same heads on the same subsets, named
     `external:<name>` in the results."""
     from .feature_heads import HEAD_TYPES
 
+    operating_point = task.operating_point
     selections = _check_settings(heads, operating_point, selection)
     out = prepare_out_dir(out, data, resume=resume, overwrite=overwrite, marker=SETTINGS if resume else "results.csv",
                           resumable=True)
@@ -73,11 +75,10 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     dev = pick_device(device)
     encoder, extra = open_checkpoint(checkpoint, data, select, log)
     settings = extra.get("data", {})
-    ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, progress=progress, log=log,
-                      negative=negative, multiclass=multiclass, select=select, checkpoint=checkpoint)
+    ld = load_labeled(data, labels, settings, task, split_seed=0, out=out, progress=progress, log=log, select=select,
+                      checkpoint=checkpoint)
     external = _external_encoders(compare, Preprocessing.of(settings), log)
-    identity = _identity(checkpoint, encoder, data, labels, ld, epochs=epochs, operating_point=operating_point,
-                         positive=positive, negative=negative, multiclass=multiclass,
+    identity = _identity(checkpoint, encoder, data, labels, ld, epochs=epochs, **dataclasses.asdict(task),
                          compare=[(name, w.sha256[:16]) for name, (w, _) in external.items()])
     done = _resume_rows(out, identity, log) if resume else {}
     if not resume:

@@ -13,7 +13,7 @@ from . import tensorboard as tb
 from .config import MedclConfig
 from .data.cache import ScanSet, build_for_encoder, write_skipped
 from .data.discover import open_source
-from .data.labels import LabelsTable, labels_from_records, make_splits, read_labels_csv, select_budget
+from .data.labels import LabelsTable, Task, make_splits, select_budget
 from .data.preprocessing import Preprocessing
 from .encoders import Encoder, atomic_save, build_encoder
 from .errors import LabelsError, MedclError
@@ -51,16 +51,12 @@ def load_encoder_or_scratch(checkpoint, cfg: MedclConfig, data=None, select=None
     return enc, extra.get("data", {}), str(checkpoint)
 
 
-def load_labeled(data, labels_csv, data_settings: dict, positive=None, split_seed: int = 0, out: Path | None = None,
-                 allow_outside: bool = False, strict: bool = False, max_bad_fraction: float = 0.2,
-                 progress: bool = True, log=print, negative=None, multiclass: bool = False,
-                 select=None, checkpoint=None) -> LabeledData:
+def load_labeled(data, labels_csv, data_settings: dict, task: Task = Task(), split_seed: int = 0,
+                 out: Path | None = None, allow_outside: bool = False, strict: bool = False,
+                 max_bad_fraction: float = 0.2, progress: bool = True, log=print, select=None,
+                 checkpoint=None) -> LabeledData:
     source = open_source(data, Preprocessing.of(data_settings).dims, "all", select)
-    if labels_csv:
-        table = read_labels_csv(labels_csv, source.root if not source.arrays else None, positive, allow_outside,
-                                negative, multiclass)
-    else:
-        table = labels_from_records(source.records, positive, negative, multiclass)
+    table = task.read(labels_csv, source.root if not source.arrays else None, source.records, allow_outside)
     by_key = {r.key: r for r in source.records}
     if source.left_out:  # labeled scans that --include/--exclude/--files leave out are not part of this task
         table = table.subset([i for i, k in enumerate(table.keys) if k not in source.left_out])
@@ -249,13 +245,14 @@ def read_classifier_file(path) -> tuple[Classifier, dict]:
 
 
 def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_class=None, mode="probe", seed=0,
-             positive=None, cfg: MedclConfig | None = None, overwrite=False, epochs=30, operating_point="youden",
-             allow_outside=False, progress=True, log=print, negative=None, multiclass=False, select=None) -> dict:
+             task: Task = Task(), cfg: MedclConfig | None = None, overwrite=False, epochs=30, allow_outside=False,
+             progress=True, log=print, select=None) -> dict:
     """Train a classifier on a few labels and evaluate it on the held-out test split. Returns metrics.json's dict.
 
     mode: probe (linear head on frozen features), finetune (the network end to end), or a head name of
-    medcl.feature_heads.HEAD_TYPES (e.g. proto; spread and selftrain also learn from the unlabeled scans)."""
-    cfg = cfg or MedclConfig()
+    medcl.feature_heads.HEAD_TYPES (e.g. proto; spread and selftrain also learn from the unlabeled scans).
+    task: which classes are diseased and the operating point (medcl.Task(positive="diseased"))."""
+    cfg, operating_point = cfg or MedclConfig(), task.operating_point
     head = {"probe": "linear"}.get(mode, mode)
     if head not in feature_heads.head_names():
         raise MedclError(f"--mode {mode}: choose probe, finetune, or a head: {', '.join(feature_heads.head_names())}")
@@ -272,9 +269,8 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
         log(f"note: --checkpoint none with a frozen-feature head ({head}) is the random-init control (random "
             "features, the same head): what a pretrained encoder must beat; --mode finetune trains the network "
             "from scratch instead")
-    ld = load_labeled(data, labels, settings, positive, split_seed=0, out=out, allow_outside=allow_outside,
-                      progress=progress, log=log, negative=negative, multiclass=multiclass, select=select,
-                      checkpoint=ck)
+    ld = load_labeled(data, labels, settings, task, split_seed=0, out=out, allow_outside=allow_outside,
+                      progress=progress, log=log, select=select, checkpoint=ck)
     lab, pool, te = budget_rows(ld, label_fraction, labels_per_class, seed)
     write_splits(ld, out / "splits.csv", lab)
     log(f"{len(ld.scans)} labeled scans (splits {ld.split_source}): {len(lab)} labels used of "

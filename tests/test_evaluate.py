@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from medcl.data.labels import Task
 from medcl.encoders import Encoder, export_encoder
 from medcl.evaluate import evaluate
 from medcl.finetune import budget_rows, load_labeled
@@ -37,7 +38,7 @@ def test_bootstrap_ci_matches_direct_loop():
 
 
 def test_budget_rows_never_touch_test_and_keep_patients_and_classes(phantoms2d):
-    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, task=Task("diseased"),
                       progress=False)
     for p in set(ld.groups):  # patient grouping of the made splits
         assert len(set(ld.split[ld.groups == p])) == 1
@@ -64,7 +65,7 @@ def test_evaluate_outputs_on_folders(tmp_path, phantoms2d, phantoms3d, dims):
     data = phantoms2d if dims == 2 else phantoms3d
     enc = _tiny_encoder(tmp_path, dims, 16)
     rows = evaluate(enc, data, data / "labels.csv", tmp_path / "ev", fractions=[0.5], per_class=[2], seeds=2,
-                    heads=("knn", "linear"), baseline="finetune", epochs=1, positive="diseased", progress=False,
+                    heads=("knn", "linear"), baseline="finetune", epochs=1, task=Task("diseased"), progress=False,
                     log=lambda *a: None)
     assert len(rows) == 2 * 2 * 5  # budgets x seeds x (2 heads + the same 2 heads at random init + scratch)
     out = tmp_path / "ev"
@@ -111,7 +112,7 @@ def test_a_collapsed_encoder_shows_no_gain_over_the_control(tmp_path, phantoms2d
             p.zero_()  # every scan maps to the same features: a collapsed encoder
     export_encoder(enc, tmp_path / "collapsed.pt", {"data": {"dims": 2, "size": 16, "channels": 1}})
     evaluate(tmp_path / "collapsed.pt", phantoms2d, phantoms2d / "labels.csv", tmp_path / "ev", per_class=[8],
-             seeds=3, heads=("linear",), baseline="none", positive="diseased", progress=False, log=lambda *a: None)
+             seeds=3, heads=("linear",), baseline="none", task=Task("diseased"), progress=False, log=lambda *a: None)
     gain = json.loads((tmp_path / "ev" / "protocol.json").read_text())["gain_over_best_control"]
     assert len(gain) == 1 and gain[0]["control"] == "random-init/linear" and gain[0]["gain_mean"] <= 0
     assert gain[0]["verdict"] in ("the control is better", "no clear difference")
@@ -154,7 +155,7 @@ def test_heads_never_see_a_test_scan_or_label(head):
 def test_out_of_fold_threshold_ignores_test_scans_and_meets_the_operating_point(phantoms2d):
     from medcl.finetune import choose_threshold, run_head
 
-    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, task=Task("diseased"),
                       progress=False)
     lab, pool, te = budget_rows(ld, None, 6, 0)
     rng = np.random.default_rng(1)
@@ -194,7 +195,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped_and_grows(tmp_path, 
     from medcl.errors import MedclError, RunDirError
 
     enc = _tiny_encoder(tmp_path, 2, 16)
-    kw = dict(per_class=[4, 6], heads=("knn", "linear"), baseline="none", positive="diseased", progress=False)
+    kw = dict(per_class=[4, 6], heads=("knn", "linear"), baseline="none", task=Task("diseased"), progress=False)
     whole = evaluate(enc, phantoms2d, phantoms2d / "labels.csv", tmp_path / "whole", seeds=2, log=lambda *a: None, **kw)
 
     def stop_after_first(msg):  # Ctrl-C right after the first budget x seed finished

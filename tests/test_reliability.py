@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from medcl.data.labels import Task
 from medcl.encoders import atomic_save, load_encoder, safe_load
 from medcl.errors import CheckpointError, MedclError, TrainingDiverged
 
@@ -311,4 +312,4 @@ def test_labels_paths_not_found(tmp_path, phantoms2d):
     csv_ = tmp_path / "labels.csv"
     csv_.write_text("path,label\nscans/p0000_0.png,healthy\nscans/nothere.png,diseased\n")
     with pytest.raises(LabelsError, match="nothere.png"):
-        load_labeled(phantoms2d, csv_, {"dims": 2, "size": 16}, positive="diseased", progress=False)
+        load_labeled(phantoms2d, csv_, {"dims": 2, "size": 16}, task=Task("diseased"), progress=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medcl.cli import main
-from medcl.data.labels import read_labels_csv
+from medcl.data.labels import Task, read_labels_csv
 from medcl.encoders import Encoder, export_encoder
 from medcl.select import STRATEGIES, SelectionError, choose, typicality
 
@@ -210,20 +210,20 @@ def test_evaluate_draws_each_subset_with_the_strategy_from_non_test_scans(tmp_pa
 
     enc = _encoder(tmp_path, 2)
     rows = evaluate(enc, phantoms2d, phantoms2d / "labels.csv", tmp_path / "ev", per_class=[3], seeds=2,
-                    heads=("linear",), baseline="none", positive="diseased", progress=False, log=lambda *a: None,
+                    heads=("linear",), baseline="none", task=Task("diseased"), progress=False, log=lambda *a: None,
                     selection=["typiclust", "random"])
     assert {r["selection"] for r in rows} == {"typiclust", "random"} and {r["n_labeled"] for r in rows} == {6}
     assert all(r["classes_labeled"] in (1, 2) and 0 <= r["auc"] <= 1 for r in rows)
     text = (tmp_path / "ev" / "summary.md").read_text()
     assert "selection strategies against random selection" in text and "3/class (typiclust)" in text
     # the positive share of the chosen scans against the pool's: a strategy's class skew is visible
-    ld0 = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+    ld0 = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, task=Task("diseased"),
                        progress=False)
     pool_share = np.mean(ld0.y[ld0.split != "test"] == 1)
     assert f"against {pool_share:.0%} of the non-test scans" in text and "positive share: selection / random" in text
     row = next(line for line in text.splitlines() if line.startswith("| 3/class | 6 | linear | typiclust |"))
     assert re.search(r"\| \d+% \(\d+-\d+\) / \d+% \(\d+-\d+\) \|$", row)  # mean (range), strategy / random
-    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, task=Task("diseased"),
                       progress=False)
     feats = np.random.default_rng(0).normal(size=(len(ld.y), 8))
     test = set(np.flatnonzero(ld.split == "test"))
@@ -240,7 +240,7 @@ def test_evaluate_draws_each_subset_with_the_strategy_from_non_test_scans(tmp_pa
 def test_a_subset_with_one_class_predicts_the_prior(phantoms2d):
     from medcl.finetune import load_labeled, run_head
 
-    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, positive="diseased",
+    ld = load_labeled(phantoms2d, phantoms2d / "labels.csv", {"dims": 2, "size": 16}, task=Task("diseased"),
                       progress=False)
     non_test = np.flatnonzero(ld.split != "test")
     lab = non_test[ld.y[non_test] == 0][:4]

@@ -12,6 +12,7 @@ import yaml
 
 from conftest import medcl
 from medcl import weights as W
+from medcl.data.labels import Task
 from medcl.encoders import Encoder, export_encoder
 from medcl.errors import CheckpointError
 
@@ -228,7 +229,7 @@ def test_compare_rows_use_exactly_the_pretrained_rows_subsets(tmp_path, phantoms
     export_encoder(enc, tmp_path / "encoder.pt", {"data": {"dims": 2, "size": 16, "channels": 1}})
     other = _torchvision_file(tmp_path / "tv18.pth", _random_resnet("resnet18", bias_downsample=False))
     evaluate(tmp_path / "encoder.pt", phantoms2d, phantoms2d / "labels.csv", tmp_path / "ev", fractions=[0.5],
-             per_class=[2], seeds=2, heads=("knn", "linear"), baseline="none", positive="diseased", progress=False,
+             per_class=[2], seeds=2, heads=("knn", "linear"), baseline="none", task=Task("diseased"), progress=False,
              log=lambda *a: None, compare=[other])
     rows = list(csv.DictReader(open(tmp_path / "ev" / "results.csv")))
     assert {r["encoder"] for r in rows} == {"pretrained", "random-init", "external:tv18"}

@@ -63,6 +63,13 @@ OP_HELP = ("decision threshold, from out-of-fold predictions of the labeled scan
            "specificity=0.9")
 
 
+def task(a):
+    """The labels' task from --positive/--negative/--multiclass and --operating-point."""
+    from ..data.labels import Task
+
+    return Task(a.positive, a.negative, a.multiclass, a.operating_point)
+
+
 def selection(a):
     from ..data.discover import Selection
 

@@ -1,5 +1,5 @@
 """`medcl evaluate`: the few-label protocol."""
-from .common import CHECKPOINT_HELP, HelpFormatter, OP_HELP, selection, selection_args, task_args
+from .common import CHECKPOINT_HELP, HelpFormatter, OP_HELP, selection, selection_args, task, task_args
 
 EPILOG = """examples:
   medcl evaluate --checkpoint runs/pm --data pneumoniamnist.npz --out eval/pm
@@ -64,7 +64,6 @@ def run(a, progress, started):
     from ..evaluate import evaluate
 
     evaluate(a.checkpoint, a.data, a.labels, a.out, fractions=a.fractions, per_class=a.per_class, seeds=a.seeds,
-             heads=a.heads, baseline=a.baseline, epochs=a.epochs, operating_point=a.operating_point,
-             positive=a.positive, overwrite=a.overwrite, finetune_max_labels=a.finetune_max_labels,
-             progress=progress, negative=a.negative, multiclass=a.multiclass, select=selection(a),
-             selection=a.selection, resume=a.resume, compare=a.compare)
+             heads=a.heads, baseline=a.baseline, epochs=a.epochs, task=task(a), overwrite=a.overwrite,
+             finetune_max_labels=a.finetune_max_labels, progress=progress, select=selection(a), selection=a.selection,
+             resume=a.resume, compare=a.compare)

@@ -1,6 +1,6 @@
 """`medcl finetune`: train a classifier with few labels and test it."""
 from .common import (CHECKPOINT_HELP, OP_HELP, HelpFormatter, config_args, pretrain_config, selection, selection_args,
-                     task_args)
+                     task, task_args)
 
 EPILOG = """examples:
   medcl finetune --checkpoint runs/simclr --data scans/ --labels labels.csv --out ft/1pct --label-fraction 0.01
@@ -51,5 +51,5 @@ def run(a, progress, started):
     from ..finetune import finetune
 
     finetune(a.checkpoint, a.data, a.labels, a.out, a.label_fraction, a.labels_per_class, a.mode, a.seed,
-             a.positive, cfg, a.overwrite, a.epochs, a.operating_point, a.allow_outside, progress,
-             negative=a.negative, multiclass=a.multiclass, select=selection(a))
+             task=task(a), cfg=cfg, overwrite=a.overwrite, epochs=a.epochs, allow_outside=a.allow_outside,
+             progress=progress, select=selection(a))

@@ -244,6 +244,24 @@ def labels_from_records(records, positive=None, negative=None, multiclass: bool 
                        resolve_positive(classes, positive, negative, multiclass, rows_of, where="the .npz labels"))
 
 
+@dataclass(frozen=True)
+class Task:
+    """What the labels ask of a classifier: the diseased class(es) (`positive`: "diseased", or "1,2,3,4" to make graded
+    labels binary), the healthy ones when more classes remain (`negative`), or one output per class (`multiclass`);
+    and the operating point its threshold is chosen at ("youden", "sensitivity=0.95"; metrics.parse_operating_point).
+    The CLI's --positive/--negative/--multiclass/--operating-point."""
+    positive: str | None = None
+    negative: str | None = None
+    multiclass: bool = False
+    operating_point: str = "youden"
+
+    def read(self, labels_csv, data_root=None, records=(), allow_outside: bool = False) -> LabelsTable:
+        """The labels table of this task: from a CSV, else from the records' own labels (a MedMNIST .npz)."""
+        if labels_csv:
+            return read_labels_csv(labels_csv, data_root, self.positive, allow_outside, self.negative, self.multiclass)
+        return labels_from_records(records, self.positive, self.negative, self.multiclass)
+
+
 def check_patient_splits(t: LabelsTable, where: str) -> None:
     if not t.has_patient or not any(t.splits):
         return
