@@ -66,9 +66,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
     return f
 
 
-
-
-
 def fit_schedule(sched, method, total: int, schedule: tuple) -> int:
     """The cosine schedule (and a momentum method's own) made to end exactly at step `total`; returns it."""
     warm, min_ratio = schedule
