@@ -20,7 +20,6 @@ from .errors import MedclError, RunDirError
 from .networks import RESNET_DEPTHS
 
 
-
 def network_def(spec: dict, n_classes: int = 0) -> dict:
     """MONAI ResNet arguments that rebuild a medcl ResNet encoder (and its linear head, with n_classes)."""
     if spec["name"] not in RESNET_DEPTHS:
