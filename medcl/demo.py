@@ -48,7 +48,9 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
     n = n or (400 if dims == 2 else 160)
     size = DEMO_SETTINGS[dims]["data"]["size"]
     # 3D: at 32^3 with 12-26 labels the acquisition factors left both encoders at chance (0.40 / 0.36 AUC with 160
-    # volumes, 0.48 / 0.53 with 320; 2-core CPU, Dec 2026), so the 3D demo keeps its steadier phantoms
+    # volumes, 0.48 / 0.53 with 320; intensity factors alone 0.40-0.65 / 0.38-0.57 over 3 seeds), so the 3D demo keeps
+    # its steadier phantoms. On those, 14 epochs (+0.027 [-0.039, +0.113]) or 320 volumes (-0.048 [-0.142, +0.049])
+    # did no better than the default's +0.031 [-0.027, +0.113] (seed 0; 2-core CPU, Dec 2026)
     nuisance = dims == 2
     log(f"[1/5] generating {n} synthetic {dims}D phantoms in {out / 'data'}: half with small lesions (the "
         f"disease, a local finding)" + (", every scan with its own position, rotation, gain, contrast, bias field "
