@@ -244,6 +244,17 @@ def read_classifier_file(path) -> tuple[Classifier, dict]:
     return model, obj
 
 
+def write_predictions(path: Path, ld: LabeledData, te, pte, thr: float) -> None:
+    """predictions.csv: each test scan's label, probabilities and predicted class at the threshold."""
+    names, binary = ld.table.class_names(), pte.shape[1] == 2
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "target"] + [f"prob_{n}" for n in names] + ["predicted"])
+        for i, p in zip(te, pte):
+            name = names[int(p[1] >= thr) if binary else int(p.argmax())]
+            w.writerow([ld.scans.records[i].key, ld.table.labels[i], int(ld.y[i]), *(f"{v:.6f}" for v in p), name])
+
+
 def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_class=None, mode="probe", seed=0,
              task: Task = Task(), cfg: MedclConfig | None = None, overwrite=False, epochs=30, allow_outside=False,
              progress=True, log=print, select=None) -> dict:
@@ -294,13 +305,7 @@ def finetune(checkpoint, data, labels, out, label_fraction=None, labels_per_clas
                "expected_at_threshold": expected, "warning": warning, "checkpoint": ck, "splits": ld.split_source,
                "n_skipped": len(ld.scans.skipped), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "metrics.json", metrics)
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        names = ld.table.class_names()
-        w.writerow(["path", "label", "target"] + [f"prob_{n}" for n in names] + ["predicted"])
-        for i, p in zip(te, pte):
-            name = names[int(p[1] >= thr) if binary else int(p.argmax())]
-            w.writerow([ld.scans.records[i].key, ld.table.labels[i], int(ld.y[i]), *(f"{v:.6f}" for v in p), name])
+    write_predictions(out / "predictions.csv", ld, te, pte, thr)
     if fit.classifier is not None:
         # the labeled scans' out-of-fold predictions travel with the classifier: `medcl predict` can then choose
         # another operating point without the training data
