@@ -104,6 +104,45 @@ def _trained_on(ft_dir: Path, keys: list) -> int:
     return sum(roles.get(k, ("", ""))[1] == "trained_on" for k in keys)
 
 
+def _score_labeled(clf, table, labels, keys, proba, thr: float, out: Path, log, about: dict) -> None:
+    """metrics.json for the predicted scans that --labels labels, and a note when they were trained on."""
+    from .runs import write_json
+
+    rows = [i for i, k in enumerate(keys) if table.row_of(k) is not None]
+    if not rows:
+        raise MedclError(f"none of the predicted scans is in {labels}: paths must be relative to DATA.")
+    y = table.y()[[table.row_of(keys[i]) for i in rows]]
+    seen = _trained_on(clf.path.parent, [keys[i] for i in rows])
+    if seen:
+        log(f"note: {seen} of the scored scans have the paths of scans this classifier was trained on "
+            f"({clf.path.parent / 'splits.csv'}): if they are the same scans, this score is not a test result")
+    m = score(y, proba[rows], thr)
+    m["auc_ci95"] = list(bootstrap_ci(y, proba[rows], "auc", n=500, seed=0, threshold=thr))
+    write_json(out / "metrics.json", {"test": m, "n_scored": len(rows), "n_scored_trained_on_paths": seen, **about})
+    log(f"scored {len(rows)} labeled scans: AUC {m['auc']:.3f} [95% CI {m['auc_ci95'][0]:.3f}-"
+        f"{m['auc_ci95'][1]:.3f}]" + (f", sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}"
+                                      if clf.binary else ""))
+
+
+def _write_saliency(clf, scans, source, proba, saliency, method, out: Path, log) -> None:
+    """Maps for the `saliency` scans most probably diseased (or all): saliency/, saliency.csv, TensorBoard."""
+    from . import tensorboard as tb
+    from .saliency import write_maps
+
+    order = np.argsort(-proba[:, 1], kind="stable")
+    order = order if str(saliency) == "all" else order[:int(saliency)]
+    log(f"saliency ({method}) for the {len(order)} scans most probably {clf.classes[-1]}")
+    writer = tb.open_writer(out / "tb")
+    try:
+        maps = write_maps(clf, scans, source, order, proba[:, 1], out / "saliency", method, writer)
+    finally:
+        writer.close()
+    with open(out / "saliency.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "rank", "probability", "overlay_png", "nifti"])
+        w.writerows(maps)
+
+
 def predict(classifier, data, out, operating_point=None, labels=None, positive=None, overwrite=False, device="auto",
             strict=False, progress=True, log=print, select=None, saliency=None, saliency_method=None) -> Path:
     """Predict every scan of `data`: predictions.csv, skipped.csv, and with `labels` also metrics.json.
@@ -120,7 +159,7 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
     from .data.cache import build_for_encoder, write_skipped
     from .data.discover import open_source
     from .data.labels import read_labels_csv
-    from .runs import prepare_out_dir, write_json
+    from .runs import prepare_out_dir
     from .runtime import pick_device
 
     t0 = time.perf_counter()
@@ -161,39 +200,11 @@ def predict(classifier, data, out, operating_point=None, labels=None, positive=N
             f"threshold may be degenerate (see the classifier's metrics.json); try --operating-point youden, or "
             f"fine-tune with more labels")
     if table is not None:
-        rows = [i for i, k in enumerate(keys) if table.row_of(k) is not None]
-        if not rows:
-            raise MedclError(f"none of the predicted scans is in {labels}: paths must be relative to DATA.")
-        y = table.y()[[table.row_of(keys[i]) for i in rows]]
-        seen = _trained_on(clf.path.parent, [keys[i] for i in rows])
-        if seen:
-            log(f"note: {seen} of the scored scans have the paths of scans this classifier was trained on "
-                f"({clf.path.parent / 'splits.csv'}): if they are the same scans, this score is not a test result")
-        m = score(y, proba[rows], thr)
-        m["auc_ci95"] = list(bootstrap_ci(y, proba[rows], "auc", n=500, seed=0, threshold=thr))
-        write_json(out / "metrics.json", {"test": m, "n_scored": len(rows), "n_scored_trained_on_paths": seen,
-                                          "threshold": thr, "threshold_rule": rule,
-                                          "operating_point": op, "classes": clf.classes,
-                                          "classifier": str(classifier), "seconds": round(time.perf_counter() - t0, 1)})
-        log(f"scored {len(rows)} labeled scans: AUC {m['auc']:.3f} [95% CI {m['auc_ci95'][0]:.3f}-"
-            f"{m['auc_ci95'][1]:.3f}]" + (f", sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}"
-                                          if clf.binary else ""))
+        _score_labeled(clf, table, labels, keys, proba, thr, out, log, {
+            "threshold": thr, "threshold_rule": rule, "operating_point": op, "classes": clf.classes,
+            "classifier": str(classifier), "seconds": round(time.perf_counter() - t0, 1)})
     if saliency is not None:
-        from . import tensorboard as tb
-        from .saliency import write_maps
-
-        order = np.argsort(-proba[:, 1], kind="stable")
-        order = order if str(saliency) == "all" else order[:int(saliency)]
-        log(f"saliency ({saliency_method}) for the {len(order)} scans most probably {clf.classes[-1]}")
-        writer = tb.open_writer(out / "tb")
-        try:
-            maps = write_maps(clf, scans, source, order, proba[:, 1], out / "saliency", saliency_method, writer)
-        finally:
-            writer.close()
-        with open(out / "saliency.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "rank", "probability", "overlay_png", "nifti"])
-            w.writerows(maps)
+        _write_saliency(clf, scans, source, proba, saliency, saliency_method, out, log)
     log(f"wrote {out / 'predictions.csv'}" + (f", {out / 'metrics.json'}" if table is not None else "") +
         (f", {out / 'saliency.csv'} and maps in {out / 'saliency'}, TensorBoard in {out / 'tb'}"
          if saliency is not None else ""))
