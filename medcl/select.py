@@ -84,17 +84,8 @@ def typicality(x: np.ndarray, seed: int = 0, k: int = TYPICALITY_K, ref_cap: int
     return out
 
 
-def choose(features: np.ndarray, budget: int, strategy: str = "centroid", seed: int = 0, candidates=None,
-           labeled=None, groups=None, same_patient: bool = False) -> Picked:
-    """Pick `budget` rows of `candidates` (default: every row not in `labeled`) to label next.
-
-    labeled: rows already labeled; they count as covering their cluster (centroid, typiclust), as centres (kcenter)
-    and as patients already used. groups: patient per row (None: every scan its own patient)."""
-    if strategy not in STRATEGIES:
-        raise SelectionError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
-    n = len(features)
-    labeled = np.unique(np.asarray([] if labeled is None else labeled, dtype=int))
-    cand = np.setdiff1d(np.arange(n) if candidates is None else np.asarray(candidates, dtype=int), labeled)
+def _pool(n: int, cand, labeled, groups, budget: int, same_patient: bool) -> tuple:
+    """(patient codes per row, which rows may be chosen); refuses a budget larger than the patients left."""
     if budget < 1:
         raise SelectionError(f"--budget {budget}: must be at least 1.")
     # patients as integer codes: marking a patient used is then one vectorised comparison
@@ -111,6 +102,44 @@ def choose(features: np.ndarray, budget: int, strategy: str = "centroid", seed: 
         raise SelectionError(f"--budget {budget} is larger than the pool: {why}. Lower --budget"
                              + ("" if same_patient or n_patients == len(cand) else
                                 ", or pass --allow-same-patient to take several scans of one patient") + ".")
+    return groups, eligible
+
+
+def _kcenter(x, cand, labeled, groups, eligible, budget: int, same_patient: bool, rng, take) -> list:
+    """Greedy k-center: each pick is the candidate farthest from every labeled or chosen scan."""
+    order = []
+    xc = np.ascontiguousarray(x[cand])  # one copy: each step is then a matrix-vector product over the pool
+    gc = groups[cand]
+    # squared distance of each candidate to its nearest labeled or chosen scan; -1 marks one that cannot be chosen
+    mind = np.where(eligible[cand], np.inf, -1.0).astype(np.float32)
+    for s in range(0, len(labeled), 1024):
+        mind = np.minimum(mind, np.maximum(2.0 - 2.0 * (xc @ x[labeled[s:s + 1024]].T), 0.0).min(1))
+    for _ in range(budget):
+        if np.isinf(mind).any():  # nothing labeled yet: a seeded random start
+            j = rng.choice(np.flatnonzero(mind > 0))
+        else:
+            j = int(np.argmax(mind))
+        order.append(cand[j])
+        take(cand[j])
+        mind[j] = -1.0
+        if not same_patient:
+            mind[gc == gc[j]] = -1.0
+        mind = np.minimum(mind, np.maximum(2.0 - 2.0 * (xc @ xc[j]), 0.0))
+    return order
+
+
+def choose(features: np.ndarray, budget: int, strategy: str = "centroid", seed: int = 0, candidates=None,
+           labeled=None, groups=None, same_patient: bool = False) -> Picked:
+    """Pick `budget` rows of `candidates` (default: every row not in `labeled`) to label next.
+
+    labeled: rows already labeled; they count as covering their cluster (centroid, typiclust), as centres (kcenter)
+    and as patients already used. groups: patient per row (None: every scan its own patient)."""
+    if strategy not in STRATEGIES:
+        raise SelectionError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
+    n = len(features)
+    labeled = np.unique(np.asarray([] if labeled is None else labeled, dtype=int))
+    cand = np.setdiff1d(np.arange(n) if candidates is None else np.asarray(candidates, dtype=int), labeled)
+    groups, eligible = _pool(n, cand, labeled, groups, budget, same_patient)
     x = _unit(features)
     universe = np.union1d(cand, labeled)
     k = int(min(len(labeled) + budget, MAX_CLUSTERS, len(universe)))
@@ -149,23 +178,7 @@ def choose(features: np.ndarray, budget: int, strategy: str = "centroid", seed: 
             order.append(i)
             take(i)
     elif strategy == "kcenter":
-        xc = np.ascontiguousarray(x[cand])  # one copy: each step is then a matrix-vector product over the pool
-        gc = groups[cand]
-        # squared distance of each candidate to its nearest labeled or chosen scan; -1 marks one that cannot be chosen
-        mind = np.where(eligible[cand], np.inf, -1.0).astype(np.float32)
-        for s in range(0, len(labeled), 1024):
-            mind = np.minimum(mind, np.maximum(2.0 - 2.0 * (xc @ x[labeled[s:s + 1024]].T), 0.0).min(1))
-        for _ in range(budget):
-            if np.isinf(mind).any():  # nothing labeled yet: a seeded random start
-                j = rng.choice(np.flatnonzero(mind > 0))
-            else:
-                j = int(np.argmax(mind))
-            order.append(cand[j])
-            take(cand[j])
-            mind[j] = -1.0
-            if not same_patient:
-                mind[gc == gc[j]] = -1.0
-            mind = np.minimum(mind, np.maximum(2.0 - 2.0 * (xc @ xc[j]), 0.0))
+        order = _kcenter(x, cand, labeled, groups, eligible, budget, same_patient, rng, take)
     else:
         for i in rng.permutation(cand):
             if len(order) == budget:
