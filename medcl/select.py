@@ -247,6 +247,66 @@ def layout_split(key: str) -> str | None:
     return "test" if any(part.lower() == "test" for part in key.split("/")[:-1]) else None
 
 
+def _patients_and_test(source, labels, root, log) -> tuple:
+    """({scan: patient}, {test scans}) from the records, the --labels CSV (never its labels) or a test/ folder."""
+    from .data.labels import read_scan_list
+
+    patient = {r.key: r.patient for r in source.records if r.patient}
+    test = {r.key for r in source.records if r.split == "test"}
+    for key, p, s in read_scan_list(labels, root) if labels else []:
+        if p:
+            patient[key] = p
+        if s == "test":
+            test.add(key)
+    if not labels and not source.arrays:
+        test = {r.key for r in source.records if layout_split(r.key) == "test"}
+        log(f"holding out the {len(test)} scans under a test/ folder (the folder layout's test split); --labels "
+            f"CSV with a split column decides instead" if test else
+            "note: without --labels no scan is held out: any scan of DATA may be chosen. To keep test scans out, "
+            "pass --labels CSV with a split column (or keep them under a test/ folder)")
+    return patient, test
+
+
+def _already_labeled(csvs: list, root, known: set, data, patient: dict) -> list:
+    """The scans labeled so far, in order, from one CSV per round (or one holding them all); adds their patients."""
+    from .data.labels import read_scan_list
+
+    done = []
+    for csv_path in csvs:
+        listed = read_scan_list(csv_path, root)
+        unknown = [k for k, _, _ in listed if k not in known]
+        if unknown:
+            raise SelectionError(f"--already-labeled {csv_path}: {len(unknown)} path(s) are not scans under "
+                                 f"{data} (first: {unknown[:3]}); paths must be relative to DATA.")
+        for key, p, _ in listed:
+            if p:
+                patient[key] = p
+        done += [k for k, _, _ in listed]
+    return list(dict.fromkeys(done))
+
+
+def _check_pool(budget: int, keys, test: set, done: list, patient: dict, same_patient: bool) -> None:
+    """A budget the pool cannot meet is refused before anything is decoded or written."""
+    done_set = set(done)
+    free = [k for k in keys if k not in test and k not in done_set]
+    free_patients = len({patient.get(k, k) for k in free} - {patient.get(k, k) for k in done})
+    if budget > (len(free) if same_patient else free_patients):
+        raise SelectionError(f"--budget {budget} is larger than the pool: {len(free)} scans can be chosen "
+                             f"({len(keys)} found, {len(test)} in the test split, {len(done)} already labeled"
+                             + ("" if same_patient or free_patients == len(free) else
+                                f"; {free_patients} patients not yet labeled: --allow-same-patient lifts that")
+                             + "). Lower --budget.")
+
+
+def _write_to_label(path: Path, picked: Picked, keys, groups, has_patient: bool) -> None:
+    """to_label.csv in the order to label, with an empty label column to fill in."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "rank", "cluster", "typicality"] + (["patient"] if has_patient else []) + ["label"])
+        for rank, (i, c, t) in enumerate(zip(picked.order, picked.cluster, picked.typicality), 1):
+            w.writerow([keys[i], rank, int(c), f"{t:.4f}"] + ([groups[i]] if has_patient else []) + [""])
+
+
 def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid", already_labeled=None, seed: int = 0,
                  labels=None, same_patient: bool = False, overwrite: bool = False, device="auto",
                  max_points: int = 10000, progress=True, log=print, select=None, embeddings=None) -> Path:
@@ -259,7 +319,6 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     from . import tensorboard as tb
     from .data.cache import build_for_encoder, write_skipped
     from .data.discover import open_source
-    from .data.labels import read_scan_list
     from .runs import prepare_out_dir, write_json
     from .runtime import encode, pick_device
     from .weights import open_checkpoint
@@ -275,43 +334,11 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     source = open_source(data, dims, "all", select)
     root = source.root if not source.arrays else None
     keys = [r.key for r in source.records]
-    index = {k: i for i, k in enumerate(keys)}
-    patient = {r.key: r.patient for r in source.records if r.patient}
-    test = {r.key for r in source.records if r.split == "test"}
-    for key, p, s in read_scan_list(labels, root) if labels else []:
-        if p:
-            patient[key] = p
-        if s == "test":
-            test.add(key)
-    if not labels and not source.arrays:
-        test = {k for k in keys if layout_split(k) == "test"}
-        log(f"holding out the {len(test)} scans under a test/ folder (the folder layout's test split); --labels "
-            f"CSV with a split column decides instead" if test else
-            "note: without --labels no scan is held out: any scan of DATA may be chosen. To keep test scans out, "
-            "pass --labels CSV with a split column (or keep them under a test/ folder)")
-    done = []
+    patient, test = _patients_and_test(source, labels, root, log)
     already_labeled = [already_labeled] if isinstance(already_labeled, (str, Path)) else list(already_labeled or [])
-    for csv_path in already_labeled:  # one CSV per round of labeling, or one that holds them all
-        listed = read_scan_list(csv_path, root)
-        unknown = [k for k, _, _ in listed if k not in index]
-        if unknown:
-            raise SelectionError(f"--already-labeled {csv_path}: {len(unknown)} path(s) are not scans under "
-                                 f"{data} (first: {unknown[:3]}); paths must be relative to DATA.")
-        for key, p, _ in listed:
-            if p:
-                patient[key] = p
-        done += [k for k, _, _ in listed]
-    done = list(dict.fromkeys(done))
+    done = _already_labeled(already_labeled, root, set(keys), data, patient)
     done_set = set(done)
-    # the pool, checked before anything is written: a budget it cannot meet is refused here
-    free = [k for k in keys if k not in test and k not in done_set]
-    free_patients = len({patient.get(k, k) for k in free} - {patient.get(k, k) for k in done})
-    if budget > (len(free) if same_patient else free_patients):
-        raise SelectionError(f"--budget {budget} is larger than the pool: {len(free)} scans can be chosen "
-                             f"({len(keys)} found, {len(test)} in the test split, {len(done)} already labeled"
-                             + ("" if same_patient or free_patients == len(free) else
-                                f"; {free_patients} patients not yet labeled: --allow-same-patient lifts that")
-                             + "). Lower --budget.")
+    _check_pool(budget, keys, test, done, patient, same_patient)  # before anything is written
     stored = _stored_embeddings(embeddings, keys) if embeddings else None
     out = prepare_out_dir(out, data, overwrite=overwrite, marker="to_label.csv")
 
@@ -338,12 +365,7 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     groups = np.array([patient.get(k, k) for k in keys], dtype=object)
     picked = choose(feats, budget, strategy, seed, rows_cand, rows_labeled, groups, same_patient)
     select_s = time.perf_counter() - t_sel
-    has_patient = any(k in patient for k in keys)
-    with open(out / "to_label.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "rank", "cluster", "typicality"] + (["patient"] if has_patient else []) + ["label"])
-        for rank, (i, c, t) in enumerate(zip(picked.order, picked.cluster, picked.typicality), 1):
-            w.writerow([keys[i], rank, int(c), f"{t:.4f}"] + ([groups[i]] if has_patient else []) + [""])
+    _write_to_label(out / "to_label.csv", picked, keys, groups, any(k in patient for k in keys))
     rank_of = {int(i): r for r, i in enumerate(picked.order, 1)}
     shown = np.arange(len(keys))
     if stored is not None:  # decode only what is shown: the chosen scans and the projector's sample
