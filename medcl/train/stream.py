@@ -67,34 +67,6 @@ class BatchStream:
                                  "views.backend=batched (or auto).")
             yield from self._monai_epoch(order, epoch, start_step)
             return
-        def rows(i):  # items of the device-resident cache; the index goes up pinned, so the copy does not sync
-            return self.on_device[torch.from_numpy(np.asarray(i, dtype=np.int64)).pin_memory().to(self.device,
-                                                                                                   non_blocking=True)]
-
-        def fetch(step):
-            idx = self._local(order, step)
-            if self.pairs is not None:  # idx are pair indices; the items are the pairs' two scans
-                a, b = self.pairs[0][idx], self.pairs[1][idx]
-                if self.on_device is not None:
-                    return idx, rows(a), rows(b)
-                return idx, self._host(a), self._host(b)
-            pidx = self.partner(idx, epoch) if self.partner else idx
-            if self.on_device is not None:
-                return idx, rows(idx), (rows(pidx) if self.partner else None)
-            return idx, self._host(idx), (self._host(pidx) if self.partner else None)
-
-        def make_views(step, x1, x2):
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(_seed(seed, epoch, step, dist.rank()))  # views depend only on (seed, epoch, step, rank)
-            if self.pairing is not None:
-                x1, x2 = self.pairing(x1, gen)
-            # both views in one batched call: half the kernel launches of two calls
-            v1, v2 = self.batched(torch.cat([x1, x1 if x2 is None else x2]), gen).chunk(2)
-            if not self.local_crops:
-                return v1, v2, ()
-            crops = x1.repeat((self.local_crops,) + (1,) * (x1.ndim - 1))  # all local crops in one call too
-            return v1, v2, self.local_views(crops, gen).chunk(self.local_crops)
-
         # A background thread gathers the next batches and makes their views while the device runs the current step.
         # On a GPU it works on a side CUDA stream, so view kernels overlap the model's kernels instead of queueing
         # before them, and an event hands each batch to the training stream (no host synchronisation).
@@ -111,10 +83,10 @@ class BatchStream:
                     for s in range(start_step, self.steps):
                         if stop.is_set():
                             return
-                        idx, x1, x2 = fetch(s)
+                        idx, x1, x2 = self._fetch(order, epoch, s)
                         x1 = x1.to(self.device, non_blocking=True)
                         x2 = None if x2 is None else x2.to(self.device, non_blocking=True)
-                        v1, v2, local = make_views(s, x1, x2)
+                        v1, v2, local = self._make_views(epoch, s, x1, x2)
                         ready = None
                         if cuda:
                             ready = torch.cuda.Event()
@@ -148,6 +120,37 @@ class BatchStream:
                 except queue.Empty:
                     pass
                 th.join(0.05)
+
+    def _rows(self, i):
+        """Items of the device-resident cache; the index goes up pinned, so the copy does not sync."""
+        return self.on_device[torch.from_numpy(np.asarray(i, dtype=np.int64)).pin_memory().to(self.device,
+                                                                                               non_blocking=True)]
+
+    def _fetch(self, order, epoch: int, step: int) -> tuple:
+        """(indices, first items, partner items or None) of one step of this rank."""
+        idx = self._local(order, step)
+        if self.pairs is not None:  # idx are pair indices; the items are the pairs' two scans
+            a, b = self.pairs[0][idx], self.pairs[1][idx]
+            if self.on_device is not None:
+                return idx, self._rows(a), self._rows(b)
+            return idx, self._host(a), self._host(b)
+        pidx = self.partner(idx, epoch) if self.partner else idx
+        if self.on_device is not None:
+            return idx, self._rows(idx), (self._rows(pidx) if self.partner else None)
+        return idx, self._host(idx), (self._host(pidx) if self.partner else None)
+
+    def _make_views(self, epoch: int, step: int, x1, x2) -> tuple:
+        """(view 1, view 2, local crops): they depend only on (seed, epoch, step, rank)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(_seed(self.cfg.train.seed, epoch, step, dist.rank()))
+        if self.pairing is not None:
+            x1, x2 = self.pairing(x1, gen)
+        # both views in one batched call: half the kernel launches of two calls
+        v1, v2 = self.batched(torch.cat([x1, x1 if x2 is None else x2]), gen).chunk(2)
+        if not self.local_crops:
+            return v1, v2, ()
+        crops = x1.repeat((self.local_crops,) + (1,) * (x1.ndim - 1))  # all local crops in one call too
+        return v1, v2, self.local_views(crops, gen).chunk(self.local_crops)
 
     def _monai_epoch(self, order, epoch, start_step):
         ds = TwoViewDataset(self.scans, self.transform, seed=self.cfg.train.seed, partner=self.partner_single())
