@@ -62,9 +62,9 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
              selection=None, resume: bool = False, compare=()) -> list:
     """task: which classes are diseased, and the operating point (medcl.Task). selection: None (stratified random
     subsets, the default), or label-blind strategies of medcl.select (centroid, typiclust, kcenter, random), each run
-    on every budget and seed, so their gain is measured with the same protocol and controls. resume: continue the evaluation in `out` (see the module docstring). compare: WEIGHTS of
-    other encoders (medcl.weights), each a frozen control with the same heads on the same subsets, named
-    `external:<name>` in the results."""
+    on every budget and seed, so their gain is measured with the same protocol and controls. resume: continue the
+    evaluation in `out` (see the module docstring). compare: WEIGHTS of other encoders (medcl.weights), each a frozen
+    control with the same heads on the same subsets, named `external:<name>` in the results."""
     from .feature_heads import HEAD_TYPES
 
     operating_point = task.operating_point
