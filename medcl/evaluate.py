@@ -107,21 +107,14 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
         assert not (set(lab.tolist()) | set(pool.tolist())) & set(te.tolist())
         subset = hashlib.sha256(lab.astype(np.int64).tobytes()).hexdigest()[:12]
         # training the network is the slow part on a CPU: finetune_max_labels skips it above that many labels
-        train_net = finetune_max_labels is None or len(lab) <= finetune_max_labels
-        runs = ([("pretrained", h) for h in heads if train_net or h != "finetune"] +
-                [(name, h) for name in ("random-init", *external) for h in feature_heads])
-        if baseline == "finetune" and train_net:
-            runs.append(("scratch", "finetune"))
+        runs = _runs(heads, feature_heads, external, baseline,
+                     train_net=finetune_max_labels is None or len(lab) <= finetune_max_labels)
         new_rows = []
         for enc_name, head in runs:
             key = _row_key(kind, value, sel or "stratified", seed, enc_name, head)
             planned_keys.add(key)
             if key in done:
-                if done[key]["subset"] != subset:
-                    raise MedclError(f"--resume: {kind}={value} seed {seed} drew another labeled subset than the "
-                                     f"earlier run ({subset} vs {done[key]['subset']}), so its rows cannot be "
-                                     f"compared; start a new --out")
-                rows.append(done[key])
+                rows.append(_reused(done[key], subset, f"{kind}={value} seed {seed}"))
                 reused += 1
                 continue
             if progress_mode(progress) == "lines" and time.perf_counter() - last_line > HEARTBEAT_S:
@@ -129,13 +122,8 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
                     f"now {enc_name[:3]}/{head} (elapsed {duration(time.perf_counter() - t_runs)})")
                 last_line = time.perf_counter()
             t1 = time.perf_counter()
-            if enc_name == "scratch":
-                seed_everything(seed)
-                fit, pte = run_head(head, Encoder(**encoder.spec).to(dev), ld, lab, pool, te, dev, seed,
-                                    epochs=epochs, pretrained=False, progress=progress)
-            else:
-                fit, pte = run_head(head, encoder, ld, lab, pool, te, dev, seed, features=features[enc_name],
-                                    epochs=epochs, progress=progress if head == "finetune" else inner)
+            fit, pte = _fit(enc_name, head, encoder, features, ld, (lab, pool, te), dev, seed, epochs,
+                            progress if enc_name == "scratch" or head == "finetune" else inner)
             row = _score_row(ld, lab, pool, te, fit, pte, operating_point, bootstrap=seeds == 1,
                              budget_kind=kind, budget=value, selection=sel or "stratified", seed=seed, subset=subset,
                              encoder=enc_name, head=head, seconds=round(time.perf_counter() - t1, 1))
@@ -156,6 +144,46 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     if outside:
         log(f"note: {len(outside)} rows of the earlier run are outside this plan (other seeds, budgets or heads): kept "
             f"in {out / RUNS}, left out of results.csv and summary.md")
+    protocol = {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds, "heads": list(heads),
+                "baseline": baseline, "operating_point": operating_point,
+                "selection": [s or "stratified" for s in selections], "splits": ld.split_source}
+    _write_outputs(out, rows, ld, protocol, shares, writer, log, {"seconds": round(time.perf_counter() - t0),
+                                                                  "rows_reused": reused})
+    return rows
+
+
+def _runs(heads, feature_heads, external, baseline: str, train_net: bool) -> list:
+    """(encoder, head) pairs of one budget x seed: the pretrained heads, the controls' frozen heads, the scratch net."""
+    runs = ([("pretrained", h) for h in heads if train_net or h != "finetune"] +
+            [(name, h) for name in ("random-init", *external) for h in feature_heads])
+    if baseline == "finetune" and train_net:
+        runs.append(("scratch", "finetune"))
+    return runs
+
+
+def _reused(row: dict, subset: str, what: str) -> dict:
+    """A row an earlier run finished, if it was fitted on the same labeled subset."""
+    if row["subset"] != subset:
+        raise MedclError(f"--resume: {what} drew another labeled subset than the earlier run ({subset} vs "
+                         f"{row['subset']}), so its rows cannot be compared; start a new --out")
+    return row
+
+
+def _fit(enc_name: str, head: str, encoder, features: dict, ld, rows: tuple, dev, seed: int, epochs: int,
+         progress) -> tuple:
+    """(HeadFit, test probabilities) of one head on one encoder: the scratch control trains a fresh network."""
+    lab, pool, te = rows
+    if enc_name == "scratch":
+        seed_everything(seed)
+        return run_head(head, Encoder(**encoder.spec).to(dev), ld, lab, pool, te, dev, seed, epochs=epochs,
+                        pretrained=False, progress=progress)
+    return run_head(head, encoder, ld, lab, pool, te, dev, seed, features=features[enc_name], epochs=epochs,
+                    progress=progress)
+
+
+def _write_outputs(out: Path, rows, ld, protocol: dict, shares, writer, log, timing: dict) -> None:
+    """results.csv, summary.md, learning_curve.png, protocol.json and the TensorBoard gain and hparams."""
+    checkpoint, seeds, operating_point = protocol["checkpoint"], protocol["seeds"], protocol["operating_point"]
     _write_csv(rows, out / "results.csv")
     summary = summarize(rows)
     gain = gains_over_best_control(rows, summary)
@@ -167,16 +195,10 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     learning_curve(summary, out / "learning_curve.png")
     _write_hparams(summary, out / "tb" / "hparams")
     writer.close()
-    write_json(out / "protocol.json", {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds,
-                                       "heads": list(heads), "baseline": baseline, "operating_point": operating_point,
-                                       "selection": [s or "stratified" for s in selections],
-                                       "splits": ld.split_source, "gain_over_best_control": gain,
-                                       "seconds": round(time.perf_counter() - t0),
-                                       "rows_reused": reused})
+    write_json(out / "protocol.json", {**protocol, "gain_over_best_control": gain, **timing})
     log(summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=True))
     log(gain_markdown(gain) + selection_markdown(rows, shares))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
-    return rows
 
 
 CONTROLS = ("random-init", "scratch")
