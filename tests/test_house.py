@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "medcl"
 MAX_LINES = 80
 # functions still over MAX_LINES, with their length today: they may shrink, not grow, and no other may join them
 # (evaluate's protocol loop, the cache builder and the selection are the next to split: issue 32)
-LONG = {"evaluate.evaluate": 94, "data.cache.build_cache": 150, "select.select_scans": 103}
+LONG = {"evaluate.evaluate": 94, "data.cache.build_cache": 117, "select.select_scans": 103}
 
 
 def _modules() -> dict:

@@ -161,6 +161,58 @@ class ScanSet:
 DECODER_VERSION = 1  # part of the scan cache's key: raise it when to_model_array changes its output
 
 
+def _store_keys(store, recs) -> list:
+    """Each record's key in the scan cache (None: no cache, or the file is gone since it was listed)."""
+    keys = [None] * len(recs)
+    if store is not None:
+        for i, r in enumerate(recs):
+            try:
+                keys[i] = store.key(r)
+            except OSError:  # gone since it was listed: decoding reports it by path
+                pass
+    return keys
+
+
+def _allocate(n: int, item_shape: tuple, large: bool, cache_dir: Path | None):
+    """Where the decoded scans go: memory, or a memmap file in the run's cache folder when they are too large."""
+    if large and cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
+    return np.empty((n,) + item_shape, dtype=np.float32)
+
+
+def _check_usable(n: int, n_ok: int, masks: int, skipped: list, max_bad_fraction: float, log) -> None:
+    """Refuses a folder with no usable scan, or with more unusable ones than data.max_bad_fraction."""
+    if n_ok == 0:
+        raise MedclError(f"none of the {n} scans could be used. {summarize_problems(skipped)}")
+    bad = n - n_ok - masks  # label maps beside images (BraTS) are not bad scans
+    if masks:
+        log(f"note: {masks} of {n} files are label maps or masks, not images: left out (listed in skipped.csv)")
+    if bad / max(1, n - masks) > max_bad_fraction:
+        raise MedclError(f"{bad} of {n - masks} scans cannot be used (more than data.max_bad_fraction="
+                         f"{max_bad_fraction}). {summarize_problems([e for e in skipped if not is_label_map(e[1])])} "
+                         f"Fix them, or raise the limit with --set data.max_bad_fraction=...")
+
+
+def _decode_rank_share(store, keys: list, fill, progress, num_workers: int) -> int:
+    """Under torchrun, each rank decodes 1/world of what the cache lacks into it; after the barrier every rank reads
+    the same files. Returns how many this rank decoded (0 with one process)."""
+    from .. import dist
+
+    if dist.world_size() == 1:
+        return 0
+    missing = [i for i, k in enumerate(keys) if k is not None and not store.has(k)]
+    mine = missing[dist.rank()::dist.world_size()]
+    bar = Progress(len(mine), f"decode scans (this rank's 1/{dist.world_size()} of {len(missing)} new)",
+                   progress, unit="scan", line_every=max(1, -(-len(mine) // 4)), min_total=50)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        for _ in _bounded_map(pool, fill, mine):
+            bar.update()
+    bar.close()
+    dist.barrier()
+    return len(mine)
+
+
 def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensity: str = "percentile",
                 strict: bool = False, max_bad_fraction: float = 0.2, cache_dir: Path | None = None,
                 cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True,
@@ -181,27 +233,14 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     if store == "auto":
         store = open_store(source.root, {"dims": dims, "size": size, "channels": channels, "intensity": intensity,
                                          "skip_label_maps": skip_label_maps, "decoder": DECODER_VERSION}, log=log)
-    keys = [None] * n
-    if store is not None:
-        for i, r in enumerate(recs):
-            try:
-                keys[i] = store.key(r)
-            except OSError:  # gone since it was listed: decoding reports it by path
-                pass
+    keys = _store_keys(store, recs)
     # under torchrun the ranks split what the cache lacks as they find it: a peek would read a scan twice
     # (the first three only: a warm command on 100k scans does not stat every entry twice)
     uncached = (i for i in range(n) if keys[i] is None or not store.has(keys[i])) if dist.world_size() == 1 else ()
     peeked = check_dims(source, list(itertools.islice(uncached, 3)), dims, expect)
     large = nbytes > cache_max_gb * 2**30
     lazy = large and store is not None and all(k is not None for k in keys)  # read per batch from the scan cache
-    images = None  # stays None when lazy: nothing held in memory
-    if lazy:
-        pass  # batches are read from the scan cache's files
-    elif large and cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        images = open_memmap(cache_dir / "scans.npy", mode="w+", dtype=np.float32, shape=(n,) + item_shape)
-    else:
-        images = np.empty((n,) + item_shape, dtype=np.float32)
+    images = None if lazy else _allocate(n, item_shape, large, cache_dir)  # lazy: read per batch, nothing held
     skipped = list(source.problems)
 
     def decode(i):
@@ -225,19 +264,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         store.put(keys[i], img if err is None else ("error",) + tuple(err))
         return img, err
 
-    decoded = 0
-    if store is not None and dist.world_size() > 1:
-        # each rank decodes 1/world of what the cache lacks; after the barrier every rank reads the same files
-        missing = [i for i in range(n) if keys[i] is not None and not store.has(keys[i])]
-        mine = missing[dist.rank()::dist.world_size()]
-        bar = Progress(len(mine), f"decode scans (this rank's 1/{dist.world_size()} of {len(missing)} new)",
-                       progress, unit="scan", line_every=max(1, -(-len(mine) // 4)), min_total=50)
-        with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for _ in _bounded_map(pool, fill, mine):
-                bar.update()
-        bar.close()
-        decoded += len(mine)
-        dist.barrier()
+    decoded = _decode_rank_share(store, keys, fill, progress, num_workers) if store is not None else 0
 
     def work(i):
         """(i, array or None, error or None, decoded here?) for a scan the scan cache does not have."""
@@ -293,15 +320,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
         return build_cache(source, dims, size, channels, intensity, strict, max_bad_fraction, cache_dir,
                            cache_max_gb, num_workers, progress, False, store_arg if store_arg == "auto" else None, log,
                            expect)
-    if n_ok == 0:
-        raise MedclError(f"none of the {n} scans could be used. {summarize_problems(skipped)}")
-    bad = n - n_ok - masks  # label maps beside images (BraTS) are not bad scans
-    if masks:
-        log(f"note: {masks} of {n} files are label maps or masks, not images: left out (listed in skipped.csv)")
-    if bad / max(1, n - masks) > max_bad_fraction:
-        raise MedclError(f"{bad} of {n - masks} scans cannot be used (more than data.max_bad_fraction="
-                         f"{max_bad_fraction}). {summarize_problems([e for e in skipped if not is_label_map(e[1])])} "
-                         f"Fix them, or raise the limit with --set data.max_bad_fraction=...")
+    _check_usable(n, n_ok, masks, skipped, max_bad_fraction, log)
     rows = np.flatnonzero(ok)
     files = [store.entry(keys[i]) for i in rows] if lazy else None
     if n_ok < n:
