@@ -147,8 +147,7 @@ def evaluate(checkpoint, data, labels, out, fractions=None, per_class=None, seed
     protocol = {"checkpoint": str(checkpoint), "budgets": budgets, "seeds": seeds, "heads": list(heads),
                 "baseline": baseline, "operating_point": operating_point,
                 "selection": [s or "stratified" for s in selections], "splits": ld.split_source}
-    _write_outputs(out, rows, ld, protocol, shares, writer, log, {"seconds": round(time.perf_counter() - t0),
-                                                                  "rows_reused": reused})
+    _write_outputs(out, rows, ld, protocol, shares, writer, log, started=t0, reused=reused)
     return rows
 
 
@@ -181,7 +180,7 @@ def _fit(enc_name: str, head: str, encoder, features: dict, ld, rows: tuple, dev
                     progress=progress)
 
 
-def _write_outputs(out: Path, rows, ld, protocol: dict, shares, writer, log, timing: dict) -> None:
+def _write_outputs(out: Path, rows, ld, protocol: dict, shares, writer, log, started: float, reused: int) -> None:
     """results.csv, summary.md, learning_curve.png, protocol.json and the TensorBoard gain and hparams."""
     checkpoint, seeds, operating_point = protocol["checkpoint"], protocol["seeds"], protocol["operating_point"]
     _write_csv(rows, out / "results.csv")
@@ -195,7 +194,8 @@ def _write_outputs(out: Path, rows, ld, protocol: dict, shares, writer, log, tim
     learning_curve(summary, out / "learning_curve.png")
     _write_hparams(summary, out / "tb" / "hparams")
     writer.close()
-    write_json(out / "protocol.json", {**protocol, "gain_over_best_control": gain, **timing})
+    write_json(out / "protocol.json", {**protocol, "gain_over_best_control": gain,
+                                       "seconds": round(time.perf_counter() - started), "rows_reused": reused})
     log(summary_markdown(summary, ld, checkpoint, seeds, operating_point, short=True))
     log(gain_markdown(gain) + selection_markdown(rows, shares))
     log(f"wrote {out / 'results.csv'}, {out / 'summary.md'}, {out / 'learning_curve.png'}, TensorBoard in {out / 'tb'}")
