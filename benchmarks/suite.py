@@ -216,7 +216,12 @@ def write_docs(results, machine, command, path: Path) -> None:
     kept = ""
     if path.is_file() and NOTES in path.read_text():  # hand-written reading of the numbers survives a re-run
         kept = path.read_text().split(NOTES, 1)[1]
-    path.write_text("\n".join(parts) + "\n" + NOTES + kept)
+    path.write_text(portable("\n".join(parts)) + "\n" + NOTES + kept)
+
+
+def portable(text: str) -> str:
+    """This checkout's absolute paths as a reader's: runs/... from the repo root, ../shared/... beside it."""
+    return text.replace(f"{ROOT}/", "").replace(f"{ROOT.parent}/", "../")
 
 
 def main():
