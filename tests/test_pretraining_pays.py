@@ -36,6 +36,25 @@ def test_the_demo_gain_interval_is_paired_by_scan(tmp_path):
     assert paired_gain(tmp_path / "a.csv", tmp_path / "b.csv") == paired_auc_gain_ci(y, p_a, p_b)
 
 
+@pytest.mark.slow
+def test_the_demo_measures_the_gain_over_the_stronger_control(tmp_path, capsys):
+    from medcl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "48", "--epochs", "1", "--label-fraction", "0.3", "--quiet"]) == 0
+    d = __import__("json").loads((out / "demo.json").read_text())
+    control = {"random-init": d["control_test_auc"], "scratch": d["scratch_test_auc"]}
+    assert d["best_control"] == max(control, key=control.get)
+    lo, hi = d["gain_ci95"]
+    assert lo <= d["gain_over_control"] <= hi
+    assert abs(d["gain_over_control"] - (d["test_auc"] - control[d["best_control"]])) < 1e-9
+    for folder in ("finetune", "control", "scratch"):  # the three classifiers scored the same test scans
+        assert (out / folder / "predictions.csv").is_file()
+    text = capsys.readouterr().out
+    assert "trained from scratch" in text and f"stronger control ({d['best_control']})" in text
+    assert main(["demo", "--out", str(out), "--n", "48", "--epochs", "1", "--quiet"]) == 2  # not overwritten unasked
+
+
 def test_the_learning_curve_leads_with_the_best_rows(tmp_path):
     from medcl.evaluate import _best_per_budget, learning_curve
 
