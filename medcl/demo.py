@@ -44,20 +44,23 @@ def paired_gain(pred_a, pred_b, seed: int = 0) -> tuple:
     return paired_auc_gain_ci(y, [a[k][1] for k in keys], [b[k][1] for k in keys], seed=seed)
 
 
-def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, label_fraction: float = 0.1,
-         seed: int = 0, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+def demo(out, dims: int = 3, n: int | None = None, epochs: int | None = None, label_fraction: float = 0.1,
+         seed: int = 0, overwrite: bool = False, progress: bool = True, log=print,
+         overrides: dict | None = None) -> dict:
+    """overrides: {section: {key: value}} on top of DEMO_SETTINGS (`medcl demo --set`), to try another design."""
     t0 = time.perf_counter()
+    cfg = apply_overrides(MedclConfig(), DEMO_SETTINGS[dims], "demo settings")
+    cfg = apply_overrides(cfg, overrides or {}, "--set")
+    cfg.train.seed = seed
+    if epochs:
+        cfg.train.epochs = epochs
     out = prepare_out_dir(out, None, overwrite=overwrite, marker="demo.json")
     n = n or (400 if dims == 2 else 320)
-    size = DEMO_SETTINGS[dims]["data"]["size"]
+    size = cfg.data.size
     log(f"[1/6] generating {n} synthetic {dims}D phantoms in {out / 'data'}: half with small lesions (the disease, a "
         "local finding), every scan with its own position, rotation, gain, contrast, bias field and noise (what "
         "differs between acquisitions, and what contrastive views teach the encoder to ignore)")
     data = make_phantoms(out / "data", n=n, dims=dims, size=size, seed=seed, nuisance=True)
-    cfg = apply_overrides(MedclConfig(), DEMO_SETTINGS[dims], "demo settings")
-    cfg.train.seed = seed
-    if epochs:
-        cfg.train.epochs = epochs
     log("[2/6] contrastive pretraining (SimCLR) without labels")
     pretrain(data, out / "pretrain", cfg, progress=progress, log=log)
     log(f"[3/6] linear probe with {label_fraction:.0%} of the training labels")
@@ -81,6 +84,7 @@ def demo(out, dims: int = 2, n: int | None = None, epochs: int | None = None, la
                "scratch_test_auc": sc["test"]["auc"], "scratch_test_auc_ci95": sc["test"]["auc_ci95"],
                "best_control": best, "gain_over_control": gain, "gain_ci95": [glo, ghi],
                "test_accuracy": m["test"]["accuracy"], "n_labeled": m["n_labeled"],
+               "settings_changed": overrides or {},
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "demo.json", summary)
     log("")

@@ -146,7 +146,9 @@ def test_cheap_mistakes_fail_before_torch_is_imported(tmp_path, phantoms2d):
             "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(rc)")
     for args in (["finetune", "--checkpoint", "none", "--data", phantoms2d, "--labels", bad, "--out", tmp_path / "o"],
                  ["finetune", "--checkpoint", tmp_path / "nope", "--data", phantoms2d, "--out", tmp_path / "o"],
-                 ["pretrain", phantoms2d, "--out", tmp_path / "o", "--set", "method.name=simclrr"]):
+                 ["pretrain", phantoms2d, "--out", tmp_path / "o", "--set", "method.name=simclrr"],
+                 ["demo", "--out", tmp_path / "o", "--set", "train.batchsize=24"],
+                 ["demo", "--out", tmp_path / "o", "--set", "data.dims=2"]):
         r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
         assert r.returncode == 2 and "torch not imported" in r.stdout, (args, r.stdout, r.stderr)
     assert not (tmp_path / "o").exists()

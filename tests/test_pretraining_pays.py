@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 
 def _write_predictions(path, rows):
@@ -42,8 +43,12 @@ def test_the_demo_measures_the_gain_over_the_stronger_control(tmp_path, capsys):
     from medcl.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "48", "--epochs", "1", "--label-fraction", "0.3", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "48", "--epochs", "1", "--label-fraction", "0.3", "--quiet",
+                 "--set", "train.batch_size=16"]) == 0
     d = json.loads((out / "demo.json").read_text())
+    assert d["dims"] == 3  # the default demo is the one where pretraining beat both controls on every seed
+    assert d["settings_changed"] == {"train": {"batch_size": 16}}  # another design, and the record says which
+    assert yaml.safe_load((out / "pretrain" / "config.yaml").read_text())["train"]["batch_size"] == 16
     control = {"random-init": d["control_test_auc"], "scratch": d["scratch_test_auc"]}
     assert d["best_control"] == max(control, key=control.get)
     lo, hi = d["gain_ci95"]
