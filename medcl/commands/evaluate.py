@@ -35,7 +35,10 @@ def add_parser(sub, parent):
     p.add_argument("--fractions", type=float, nargs="*", default=None,
                    help="label fractions (default: 0.01 0.05 0.1 0.25 1.0 unless --per-class is given)")
     p.add_argument("--per-class", type=int, nargs="*", default=None, help="labels-per-class budgets, e.g. 5 10 25 50")
-    p.add_argument("--seeds", type=int, default=5, help="random labeled subsets per budget")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="random labeled subsets per budget. At 12-52 labels the subset noise is often larger than "
+                        "the gain: over our suite 10 seeds decided twice as many cells as 5 (docs/results.md). "
+                        "`--resume --seeds 10` adds five more to a finished 5-seed run")
     p.add_argument("--heads", nargs="*", default=list(DEFAULT_HEADS), choices=head_names(),
                    help="heads on the pretrained encoder (frozen-feature heads run on the random-init control too): "
                         "knn linear mlp proto, semi-supervised spread selftrain, and finetune")
