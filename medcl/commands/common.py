@@ -8,7 +8,7 @@ CHECKPOINT_HELP = ("pretrain run folder or its encoder.pt, or WEIGHTS from anoth
                    "timm, MedicalNet, lightly, solo-learn) or a name such as torchvision:resnet18 (docs/weights.md)")
 # measured on 2 idle CPU cores (README, "Time"); one wording everywhere
 DEMO_TIME = "about a minute"  # the 3D demo, the default
-DEMO2D_TIME = "under 30 seconds"
+DEMO2D_TIME = "about 30 seconds"
 
 
 PROGRESS_HELP = ("progress: a bar on a terminal; otherwise (nohup, pipes, batch schedulers) one line per epoch or run "
