@@ -6,9 +6,9 @@ import argparse
 
 CHECKPOINT_HELP = ("pretrain run folder or its encoder.pt, or WEIGHTS from another tool: a ResNet file (torchvision, "
                    "timm, MedicalNet, lightly, solo-learn) or a name such as torchvision:resnet18 (docs/weights.md)")
-# measured on 2 idle CPU cores (README, "Time"); one wording everywhere
-DEMO_TIME = "about a minute"  # the 3D demo, the default
-DEMO2D_TIME = "about 30 seconds"
+# measured on 2 idle x86_64 CPU cores, seeds 0-5 (docs/results.md, "The demo"); one wording everywhere
+DEMO_TIME = "61-82 s"  # the 3D demo, the default
+DEMO2D_TIME = "25-34 s"
 
 
 PROGRESS_HELP = ("progress: a bar on a terminal; otherwise (nohup, pipes, batch schedulers) one line per epoch or run "
