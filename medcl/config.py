@@ -178,7 +178,9 @@ def _coerce(key: str, value, default):
                 raise TypeError
             return float(value)
         if isinstance(default, str):
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if isinstance(value, bool):  # YAML 1.1 reads a bare off/on (train.amp=off) as a boolean
+                return "on" if value else "off"
+            if not isinstance(value, (str, int, float)):
                 raise TypeError
             return str(value)
         if isinstance(default, list):

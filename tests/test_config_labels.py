@@ -11,6 +11,14 @@ def test_set_overrides_and_types():
     assert cfg.method.name == "byol" and cfg.views.crop_scale == (0.3, 1.0) and cfg.train.epochs == 3
 
 
+def test_bare_off_and_on_reach_a_string_key():
+    # YAML 1.1 reads off/on/no/yes as booleans; the keys whose choices are words must still take them
+    cfg = load_config(None, parse_set(["train.amp=off", "train.fused_optimizer=on"]))
+    assert cfg.train.amp == "off" and cfg.train.fused_optimizer == "on"
+    with pytest.raises(ConfigError, match="encoder.stem"):
+        load_config(None, parse_set(["encoder.stem=yes"]))
+
+
 @pytest.mark.parametrize("item,msg", [
     ("method.nmae=byol", "Did you mean 'name'"),
     ("trian.epochs=3", "Did you mean 'train'"),
