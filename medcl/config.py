@@ -331,8 +331,9 @@ def validate(cfg: MedclConfig) -> None:
     for (sec, key), allowed in _CHOICES.items():
         v = getattr(getattr(cfg, sec), key)
         if v not in allowed:
+            close = difflib.get_close_matches(str(v), [str(a) for a in allowed], n=1, cutoff=0.5)
             raise ConfigError(f"{sec}.{key}={v!r} is not one of {', '.join(map(str, allowed))}."
-                              + _suggest(str(v), map(str, allowed)).replace("Valid keys", "Valid values"))
+                              + (f" Did you mean '{close[0]}'?" if close else ""))
     if cfg.encoder.name not in encoder_names():  # the registry, so an encoder registered later is valid too
         raise ConfigError(f"encoder.name={cfg.encoder.name!r} is not one of {', '.join(encoder_names())}."
                           + _suggest(cfg.encoder.name, encoder_names()).replace("Valid keys", "Valid values"))

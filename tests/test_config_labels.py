@@ -25,7 +25,8 @@ def test_bare_off_and_on_reach_a_string_key():
     ("train.epochs=many", "expected int"),
     ("method.name=simclrr", "Did you mean 'simclr'"),
     ("views.crop_scale=[0.5]", "list of 2 numbers"),
-    ("data.dims=4", "not one of 2, 3"),
+    ("data.dims=4", r"not one of 2, 3\.$"),
+    ("encoder.stem=smal", "not one of auto, small, standard. Did you mean 'small'"),
 ])
 def test_config_errors_name_the_key(item, msg):
     with pytest.raises(ConfigError, match=msg):
