@@ -121,7 +121,7 @@ class TrainConfig:
     batch_size: int = knob(128, "global batch (--batch-size); lowered, with a note, if a step would not fit in memory")
     seed: int = knob(0, "seeds views, order and weights: a run is repeatable (--seed)")
     device: str = knob("auto", "auto | cpu | cuda")
-    amp: str = knob("auto", "auto (bf16 on GPU) | bf16 | off")
+    amp: str = knob("auto", "auto (bf16 autocast on a GPU, and in 2D on a CPU with native bf16) | bf16 | off")
     # speed switches (see medcl.train.speed_settings for what each resolves to on a device)
     channels_last: bool = knob(True, "2D on GPU")
     compile: bool = knob(False, "torch.compile the encoder (minutes of compilation; pays off on long GPU runs)")

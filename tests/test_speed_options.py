@@ -13,13 +13,21 @@ def cfg_with(**train):
     return apply_overrides(MedclConfig(), {"train": train})
 
 
-def test_defaults_resolve_per_device():
+def test_defaults_resolve_per_device(monkeypatch):
+    monkeypatch.setattr("medcl.train.optim.cpu_has_native_bf16", lambda: False)
     assert speed_settings(MedclConfig(), CPU) == dict(amp=False, channels_last=False, compile=False,
                                                       cudnn_benchmark=False, fused=False)
     assert speed_settings(MedclConfig(), GPU) == dict(amp=True, channels_last=True, compile=False,
                                                       cudnn_benchmark=True, fused=True)
     assert not speed_settings(apply_overrides(MedclConfig(), {"data": {"dims": 3}}), GPU)["channels_last"]
     assert not speed_settings(apply_overrides(MedclConfig(), {"optim": {"name": "lars"}}), GPU)["fused"]
+
+
+def test_bf16_by_default_only_for_2d_on_a_cpu_that_has_it(monkeypatch):
+    monkeypatch.setattr("medcl.train.optim.cpu_has_native_bf16", lambda: True)
+    assert speed_settings(MedclConfig(), CPU)["amp"]
+    assert not speed_settings(apply_overrides(MedclConfig(), {"data": {"dims": 3}}), CPU)["amp"]  # diverged in 3D
+    assert not speed_settings(cfg_with(amp="off"), CPU)["amp"]
 
 
 def test_each_switch_turns_off_and_on():
@@ -35,6 +43,24 @@ def test_bf16_and_fused_adamw_train_on_cpu(tmp_path, phantoms2d):
     pretrain(phantoms2d, tmp_path / "run", cfg, progress=False, log=lambda *a: None)
     losses = [float(ln.split(",")[2]) for ln in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, phantoms2d, monkeypatch):
+    cfg = apply_overrides(cfg_with(batch_size=8, epochs=1), {"encoder": {"name": "resnet10", "widen_factor": 0.125},
+                                                             "data": {"size": 16}})
+    monkeypatch.setattr("medcl.train.optim.cpu_has_native_bf16", lambda: False)
+    pretrain(phantoms2d, tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["amp"] is False
+    del ckpt["amp"]  # a checkpoint written before the precision was recorded: train.amp=auto meant float32 on a CPU
+    torch.save(ckpt, last)
+    monkeypatch.setattr("medcl.train.optim.cpu_has_native_bf16", lambda: True)  # auto now means bf16 here
+    said = []
+    cfg.train.epochs = 2
+    pretrain(phantoms2d, tmp_path / "run", cfg, resume=True, progress=False, log=said.append)
+    assert any("resuming in float32" in line for line in said)
+    assert torch.load(last, weights_only=True)["amp"] is False
 
 
 def test_compiled_encoder_exports_a_strict_loadable_encoder(tmp_path, phantoms2d):

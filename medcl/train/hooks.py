@@ -117,7 +117,8 @@ class Pace:
 
 def save_checkpoint(run, epoch: int, step: int, epoch_complete: bool = False) -> None:
     atomic_save(checkpoint_state(run.method, run.opt, run.sched, epoch, step, run.global_step, run.cfg,
-                                 epoch_complete=epoch_complete, planned_total=run.planned_total()),
+                                 epoch_complete=epoch_complete, planned_total=run.planned_total(),
+                                 amp=run.speed["amp"]),
                 run.out / "checkpoints" / "last.pt")
 
 

@@ -179,10 +179,21 @@ def _restore(run: Run, ckpt, resume: bool) -> tuple:
                               f"({str(e)[:200]}).") from None
     start_epoch, start_step, run.global_step = ckpt["epoch"], ckpt["step"], ckpt["global_step"]
     set_rng_state(ckpt["rng"])
+    _keep_precision(run, ckpt)
     if start_step >= run.steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
     run.log(f"resuming at epoch {start_epoch + 1}, step {start_step} (global step {run.global_step})")
     return start_epoch, start_step
+
+
+def _keep_precision(run: Run, ckpt) -> None:
+    """A resumed run goes on in the precision it learned in, even where train.amp=auto now resolves otherwise (it
+    became bf16 for 2D on CPUs with native bf16; a checkpoint from before that records no `amp` and ran in bf16
+    only on a GPU or when asked)."""
+    was = ckpt.get("amp", run.cfg.train.amp == "bf16" or (run.device.type == "cuda" and run.cfg.train.amp == "auto"))
+    if was != run.speed["amp"]:
+        run.log(f"resuming in {'bf16 autocast' if was else 'float32'}, the precision this run started in")
+        run.speed["amp"] = was
 
 
 def _plan(run: Run, ckpt, add_time: bool, t_start: float) -> None:
@@ -304,7 +315,8 @@ def _train(run: Run, start_epoch: int, start_step: int) -> None:
 def _log_plan(run: Run, n_scans: int, global_batch: int, n_local: int, local_size: int) -> None:
     cfg = run.cfg
     run.log(f"pretraining {cfg.method.name} / {cfg.encoder.name} ({cfg.data.dims}D, {cfg.data.size}px) on "
-            f"{run.device}: {n_scans} scans, batch {global_batch}, {run.steps_per_epoch} steps x "
+            f"{run.device}{' (bf16 autocast)' if run.speed['amp'] else ''}: {n_scans} scans, batch {global_batch}, "
+            f"{run.steps_per_epoch} steps x "
             + (f"the epochs that fit in {cfg.train.time_budget}" if run.budget is not None
                else f"{run.n_epochs} epochs") + f", views={run.stream.backend}")
     run.log(f"method settings: {run.method.describe()}"

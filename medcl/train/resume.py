@@ -149,9 +149,9 @@ def set_rng_state(st: dict) -> None:
 
 
 def checkpoint_state(method, opt, sched, epoch, step, global_step, cfg, epoch_complete=False,
-                     planned_total=None) -> dict:
+                     planned_total=None, amp=False) -> dict:
     return {"format": "medcl-checkpoint-v1", "model": method.state_dict(), "optimizer": opt.state_dict(),
-            "planned_total": planned_total,
+            "planned_total": planned_total, "amp": amp,  # a resume keeps the precision the run learned in
             "scheduler": sched.state_dict(),  # bf16 autocast needs no gradient scaler
             "epoch": epoch, "step": step, "global_step": global_step, "epoch_complete": epoch_complete,
             "rng": rng_state(),
