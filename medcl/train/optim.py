@@ -44,7 +44,8 @@ def cpu_has_native_bf16() -> bool:
 def speed_settings(cfg: MedclConfig, device: torch.device) -> dict:
     """What the speed switches of `cfg.train` mean on `device`: the one place the training loop and the throughput
     benchmark take them from. bf16 autocast by default on a GPU, and for 2D on a CPU with native bf16, where it cut
-    an epoch by 40-45% at an unchanged probe AUC (docs/gpu.md); 3D bf16 on a CPU diverged (NaN) within 25 steps."""
+    an epoch by 31-43% and the few-label AUC moved within run-to-run spread (docs/gpu.md); in 3D on a CPU it
+    diverged (NaN) within 31 steps."""
     t, cuda = cfg.train, device.type == "cuda"
     native = cuda or (device.type == "cpu" and cfg.data.dims == 2 and cpu_has_native_bf16())
     return {"amp": t.amp == "bf16" or (native and t.amp == "auto"),  # bf16 autocast
