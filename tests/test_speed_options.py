@@ -1,6 +1,7 @@
 """The speed switches of `train.*` (issue 6): what each resolves to on a device, and that the non-default settings
 run. GPU-only effects (channels_last, cuDNN autotuning, fused AdamW on CUDA) are exercised by tests/test_gpu.py."""
 import numpy as np
+import pytest
 import torch
 
 from medcl.config import MedclConfig, apply_overrides
@@ -28,6 +29,20 @@ def test_bf16_by_default_only_for_2d_on_a_cpu_that_has_it(monkeypatch):
     assert speed_settings(MedclConfig(), CPU)["amp"]
     assert not speed_settings(apply_overrides(MedclConfig(), {"data": {"dims": 3}}), CPU)["amp"]  # diverged in 3D
     assert not speed_settings(cfg_with(amp="off"), CPU)["amp"]
+
+
+def test_where_bf16_is_the_default_a_bf16_convolution_agrees_with_float32():
+    # the default rests on this CPU's bf16 kernels being right (a bf16 conv2d once summed wrongly: pytorch#163347)
+    from medcl.train.optim import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16: train.amp=auto stays float32 here")
+    torch.manual_seed(0)
+    conv, x = torch.nn.Conv2d(16, 32, 3, padding=1), torch.randn(8, 16, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = conv(x).float()
+    assert torch.allclose(low, conv(x), atol=0.05, rtol=0.02)
+    assert torch.conv2d(torch.ones(1, 1, 2, 2, dtype=torch.bfloat16), torch.ones(1, 1, 2, 2, dtype=torch.bfloat16)) == 4
 
 
 def test_each_switch_turns_off_and_on():

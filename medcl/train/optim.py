@@ -33,12 +33,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def cpu_has_native_bf16() -> bool:
-    """The CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm BF16), read from /proc/cpuinfo's flags."""
+    """The CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), read from /proc/cpuinfo's flags. Arm's BF16 is
+    left out, unmeasured; without these flags oneDNN may have no bf16 backward at all (pytorch#148861)."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def speed_settings(cfg: MedclConfig, device: torch.device) -> dict:
