@@ -37,8 +37,8 @@ class LossLog:
     the mean over ranks: a NaN on any rank reaches all, so all stop at the same step. On resume, the lines after the
     checkpoint (lost with the killed process) are dropped."""
 
-    def __init__(self, out: Path, resume: bool, global_step: int, main: bool):
-        self.out, self.pending, self.last, self.file = out, [], float("nan"), None
+    def __init__(self, out: Path, resume: bool, global_step: int, main: bool, amp: bool = False):
+        self.out, self.pending, self.last, self.file, self.amp = out, [], float("nan"), None, amp
         if main:
             lp = out / "loss.csv"
             kept = []
@@ -61,8 +61,9 @@ class LossLog:
             if not math.isfinite(value):
                 raise TrainingDiverged(
                     f"loss became {value} at epoch {ep + 1}, step {st}: stopped; the last good checkpoint is kept in "
-                    f"{self.out / 'checkpoints' / 'last.pt'}. Lower optim.lr or raise method.temperature, then "
-                    f"--resume.")
+                    f"{self.out / 'checkpoints' / 'last.pt'}. Lower optim.lr or raise method.temperature"
+                    + (", or train in float32 (--set train.amp=off; bf16 diverged in 3D on a CPU)" if self.amp else "")
+                    + ", then start again (--overwrite, or another --out): a resume keeps the run's settings.")
             self.last = value
             if self.file is not None:
                 self.file.write(f"{g},{ep + 1},{value:.8g}\n")

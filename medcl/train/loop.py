@@ -428,7 +428,7 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     run.stream = BatchStream(scans, cfg, device, global_batch, steps_per_epoch, partner, pairing=pairing,
                              pairs=pair_arrays, local_crops=n_local, local_size=local_size)
     run.writer = tb.open_writer(out / "tb") if main else None
-    run.losses = LossLog(out, resume, run.global_step, main)
+    run.losses = LossLog(out, resume, run.global_step, main, amp=run.speed["amp"])
     if main:
         (out / "checkpoints").mkdir(exist_ok=True)
         _log_plan(run, len(scans), global_batch, n_local, local_size)
