@@ -6,6 +6,10 @@
   python benchmarks/bf16.py quality FLOAT32_EVAL BF16_EVAL
       two `medcl evaluate` folders of the same data, seeds and heads (one encoder pretrained each way): the pretrained
       rows paired by seed (the same labeled subset), bf16 minus float32 with a 95% t-interval.
+  python benchmarks/bf16.py nan3d
+      where 3D bf16 diverges on a CPU: the folder defaults' 3D SimCLR model (ResNet-18 x0.5, 28^3, batch 32, AdamW
+      lr 2.5e-4) on random volumes for 60 steps, in float32 and in bf16; prints the first step with a non-finite
+      loss or gradient, and which parameters.
 """
 from __future__ import annotations
 
@@ -74,13 +78,48 @@ def quality(f32_dir: Path, bf16_dir: Path) -> None:
               f"{d.mean():+.3f} [{d.mean() - ci:+.3f}, {d.mean() + ci:+.3f}] |")
 
 
+def nan3d(steps: int = 60) -> None:
+    import torch
+
+    from medcl.config import MedclConfig, apply_overrides
+    from medcl.encoders import build_encoder
+    from medcl.methods import build_method
+    from medcl.train import build_optimizer
+
+    cfg = apply_overrides(MedclConfig(), {"data": {"dims": 3, "size": 28}, "optim": {"lr": 2.5e-4},
+                                          "encoder": {"name": "resnet18", "stem": "standard", "widen_factor": 0.5},
+                                          "method": {"temperature": 0.2}})
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = build_method("simclr", build_encoder(cfg, 28), cfg.method)
+        opt = build_optimizer(cfg.optim, model, torch.device("cpu"), fused=False)
+        for step in range(1, steps + 1):
+            x = torch.rand(32, 1, 28, 28, 28)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = model(x + 0.05 * torch.randn_like(x), x.flip(-1))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad or not torch.isfinite(loss):
+                print(f"{'bf16' if amp else 'float32'}: step {step}, loss {loss.item():.4f}, non-finite gradient in "
+                      f"{', '.join(bad) or 'none'}")
+                break
+            opt.step()
+        else:
+            print(f"{'bf16' if amp else 'float32'}: {steps} steps finite, loss {loss.item():.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["speed", "quality"])
-    ap.add_argument("paths", nargs="+")
+    ap.add_argument("stage", choices=["speed", "quality", "nan3d"])
+    ap.add_argument("paths", nargs="*")
     a = ap.parse_args()
-    if a.stage == "speed":
+    if a.stage == "nan3d":
+        nan3d()
+    elif a.stage == "speed" and a.paths:
         speed(a.paths)
+    elif a.stage == "speed":
+        ap.error("speed takes one or more DATA paths")
     elif len(a.paths) != 2:
         ap.error("quality takes two evaluation folders: FLOAT32_EVAL BF16_EVAL")
     else:
