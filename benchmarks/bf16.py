@@ -61,7 +61,7 @@ def pretrained_rows(eval_dir: Path) -> dict:
 
 
 def quality(f32_dir: Path, bf16_dir: Path) -> None:
-    from scipy import stats
+    from medcl.metrics import mean_ci
 
     a, b = pretrained_rows(f32_dir), pretrained_rows(bf16_dir)
     keys = sorted(set(a) & set(b))
@@ -71,11 +71,10 @@ def quality(f32_dir: Path, bf16_dir: Path) -> None:
     for cell in sorted({k[:3] for k in keys}):
         ks = [k for k in keys if k[:3] == cell]
         x, y = np.array([a[k][0] for k in ks]), np.array([b[k][0] for k in ks])
-        d = y - x
-        ci = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        gain, _, ci = mean_ci(y - x)
         labels = f"{cell[1]:.0%}" if cell[0] == "fraction" else f"{int(cell[1] * 2)} (10/class)"
-        print(f"| {labels} | {cell[2]} | {len(d)} | {x.mean():.3f} | {y.mean():.3f} | "
-              f"{d.mean():+.3f} [{d.mean() - ci:+.3f}, {d.mean() + ci:+.3f}] |")
+        print(f"| {labels} | {cell[2]} | {len(ks)} | {x.mean():.3f} | {y.mean():.3f} | "
+              f"{gain:+.3f} [{gain - ci:+.3f}, {gain + ci:+.3f}] |")
 
 
 def nan3d(steps: int = 60) -> None:
