@@ -155,7 +155,7 @@ class MedclConfig:
 
 
 def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)  # 0.5 offered 'compile' for 'nope
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(options))}."
 
 
@@ -227,7 +227,9 @@ def apply_overrides(cfg: MedclConfig, overrides: dict, source: str = "config") -
         names = {f.name for f in dataclasses.fields(sub)}
         for k, v in values.items():
             if k not in names:
-                raise ConfigError(f"{source}: unknown key '{sec}.{k}'." + _suggest(str(k), names))
+                home = [o for o in sorted(sections) if k in {f.name for f in dataclasses.fields(getattr(cfg, o))}]
+                hint = f" '{k}' is in section '{home[0]}': use {home[0]}.{k}." if home else _suggest(str(k), names)
+                raise ConfigError(f"{source}: unknown key '{sec}.{k}'." + hint)
             setattr(sub, k, _coerce(f"{sec}.{k}", v, getattr(sub, k)))
     validate(cfg)
     return cfg

@@ -27,6 +27,8 @@ def test_bare_off_and_on_reach_a_string_key():
     ("views.crop_scale=[0.5]", "list of 2 numbers"),
     ("data.dims=4", r"not one of 2, 3\.$"),
     ("encoder.stem=smal", "not one of auto, small, standard. Did you mean 'small'"),
+    ("train.lr=0.1", r"'lr' is in section 'optim': use optim\.lr\.$"),  # a key filed under another section
+    ("train.nope=1", r"Valid keys: amp, .*time_budget\.$"),  # nothing close: the list, not a far-off guess
 ])
 def test_config_errors_name_the_key(item, msg):
     with pytest.raises(ConfigError, match=msg):
