@@ -15,11 +15,13 @@ pretraining killed midway continues with --resume; an evaluation with `medcl eva
 dataset pretrains for 30-60 minutes on 2 CPU cores. Start it in the background:
     nohup python benchmarks/budget.py --datasets pneumoniamnist --out runs/budget > runs/budget.log 2>&1 &
     python benchmarks/budget.py --out runs/budget --report      # the table and figure from what has finished
+    python benchmarks/budget.py --out runs/budget --report --table docs/results.md   # with the rows printed before
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -103,11 +105,45 @@ def table(rows) -> str:
              "best control | AUC | gain [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in rows:
         ci = g["gain_ci95"]
-        iv = f" [{g['gain_mean'] - ci:+.3f}, {g['gain_mean'] + ci:+.3f}]" if ci is not None and ci == ci else ""
+        lo, hi = g.get("interval") or (g["gain_mean"] - (ci or 0), g["gain_mean"] + (ci or 0))
+        iv = f" [{lo:+.3f}, {hi:+.3f}]" if ci is not None and ci == ci else ""
         lines.append(f"| {g['dataset']} | {g['views']:,} (x{g['multiple']}) | {g['epochs']} | "
                      f"{g['pretrain_min']:.1f} | {budget_name(g)} | {g['n_labeled']:.0f} | {g['best']} | "
                      f"{g['best_auc']:.3f} | {g['control']} | {g['control_auc']:.3f} | {g['gain_mean']:+.3f}{iv} |")
     return "\n".join(lines)
+
+
+ROW = re.compile(r"\| (\S+) \| ([\d,]+) \(x(\d+)\) \| (\d+) \| ([\d.]+) \| ([^|]+?) \| (\d+) \| (\S+) \| ([\d.]+) \| "
+                 r"(\S+) \| ([\d.]+) \| ([+-][\d.]+)(?: \[([+-][\d.]+), ([+-][\d.]+)\])? \|$")
+
+
+def rows_from_table(text: str) -> list:
+    """The rows of tables this script printed (e.g. pasted into docs/results.md), for a figure whose runs are gone."""
+    rows = []
+    for m in filter(None, map(ROW.match, text.splitlines())):
+        b = m[6]
+        kind, budget = (("fraction", 1.0) if b == "every label" else ("fraction", float(b[:-1]) / 100)
+                        if b.endswith("%") else ("per_class", int(b.split()[0]) // 2))
+        lo, hi = (float(m[13]), float(m[14])) if m[13] else (float(m[12]),) * 2
+        rows.append({"dataset": m[1], "views": int(m[2].replace(",", "")), "multiple": int(m[3]), "epochs": int(m[4]),
+                     "pretrain_min": float(m[5]), "budget_kind": kind, "budget": budget, "n_labeled": float(m[7]),
+                     "best": m[8], "best_auc": float(m[9]), "control": m[10], "control_auc": float(m[11]),
+                     "gain_mean": float(m[12]), "gain_ci95": (hi - lo) / 2, "interval": (lo, hi)})  # as printed
+    return rows
+
+
+def merge(old: list, new: list) -> list:
+    """Rows from the table, then the runs' rows, a run replacing the table's row at the same point. A run's multiple
+    is restated against the table's smallest budget for its dataset (the runs' 1x may be a later default: 4x the
+    old one in 2D), rounded as the runs' own multiples are."""
+    key = lambda g: (g["dataset"], g["views"], budget_name(g))  # noqa: E731
+    base = {}
+    for g in old:
+        base[g["dataset"]] = min(base.get(g["dataset"], g["views"]), g["views"])
+    new = [dict(g, multiple=g["multiple"] * round(g["views"] / g["multiple"] / base.get(g["dataset"], g["views"])))
+           for g in new]
+    seen = {key(g) for g in new}
+    return sorted([g for g in old if key(g) not in seen] + new, key=lambda g: (g["dataset"], g["n_labeled"], g["views"]))
 
 
 def figure(rows, path: Path) -> None:
@@ -140,6 +176,8 @@ def main():
     ap.add_argument("--multiples", nargs="*", type=int, default=[1, 4, 16])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--report", action="store_true", help="only the table and figure from what has finished")
+    ap.add_argument("--table", help="a Markdown file holding this script's earlier table (docs/results.md): its rows "
+                    "join the finished runs' in the table and figure")
     ap.add_argument("--pretrain-args", nargs=argparse.REMAINDER, default=[],
                     help="extra flags for medcl pretrain (last on the line), e.g. --set train.device=cuda")
     a = ap.parse_args()
@@ -158,6 +196,8 @@ def main():
                 run, _ = pretrain(name, mult, d, epochs_of(base), a.pretrain_args)
                 evaluate(name, mult, run, d, a.seeds)
     rows = collect(out, a.datasets, sorted(a.multiples))
+    if a.table:
+        rows = merge(rows_from_table(Path(a.table).read_text()), rows)
     if rows:
         print(table(rows))
         figure(rows, out / "budget.png")
