@@ -143,7 +143,8 @@ def merge(old: list, new: list) -> list:
     new = [dict(g, multiple=g["multiple"] * round(g["views"] / g["multiple"] / base.get(g["dataset"], g["views"])))
            for g in new]
     seen = {key(g) for g in new}
-    return sorted([g for g in old if key(g) not in seen] + new, key=lambda g: (g["dataset"], g["n_labeled"], g["views"]))
+    rows = [g for g in old if key(g) not in seen] + new
+    return sorted(rows, key=lambda g: (g["dataset"], g["n_labeled"], g["views"]))
 
 
 def figure(rows, path: Path) -> None:
