@@ -123,3 +123,26 @@ def test_choosing_the_recipe_reads_no_test_split(tmp_path, phantoms2d, monkeypat
 
     monkeypatch.setenv(store.ENV, "off")  # decode now, so that every read goes through the guard
     assert 0 <= recipe.validation_score(run, phantoms2d, phantoms2d / "labels.csv", ["--positive", "diseased"]) <= 1
+
+
+def test_the_compute_curve_table_reads_back_as_printed():
+    """benchmarks/budget.py --table: the figure is redrawn from docs/results.md's rows, which must read back exactly;
+    a finished run replaces the table's row at its point and is restated against the table's 1x."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("budget", root / "benchmarks" / "budget.py")
+    budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budget)
+    printed = [line for line in (root / "docs" / "results.md").read_text().split("## The compute curve")[1]
+               .split("![compute curve]")[0].splitlines() if line.startswith("| ") and not line.startswith("| dataset")]
+    rows = budget.rows_from_table("\n".join(printed))
+    assert len(rows) == len(printed) >= 30
+    assert budget.table(rows).splitlines()[2:] == printed
+    run = dict(rows[0], views=4 * 4 * rows[0]["views"], multiple=4, gain_mean=0.5, interval=None)  # 4x a 4x default
+    merged = budget.merge(rows, [run])
+    assert len(merged) == len(rows) + 1 and dict(run, multiple=16) in merged
+    same_point = dict(rows[0], multiple=1, best_auc=0.999, interval=None)
+    replaced = budget.merge(rows, [same_point])
+    assert len(replaced) == len(rows) and same_point in replaced and rows[0] not in replaced
