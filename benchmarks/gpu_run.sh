@@ -18,5 +18,12 @@ for part in "$@"; do
     methods) timeout 200 python3 benchmarks/methods.py --data .gpu_data/pneumoniamnist_reconstructed.npz --epochs 20 --methods ${METHODS:-simclr supcon pair triplet moco_v2 moco_v3 byol simsiam barlow vicreg} 2>&1 | tee "$OUT/methods.txt" ;;
     fewlabel) timeout 240 python3 benchmarks/few_label.py --data .gpu_data/pneumoniamnist_reconstructed.npz \
                 --out /tmp/bench_pm --overwrite --epochs 100 --seeds 5 2>&1 | tee "$OUT/few_label.txt" ;;
+    default) # the GPU default budget (no flags: 4M views) on PneumoniaMNIST, then evaluated against both controls
+      PM=.gpu_data/pneumoniamnist_reconstructed.npz
+      timeout 420 python3 -m medcl pretrain $PM --out /tmp/pm_gpu --overwrite 2>&1 | tail -30 | tee "$OUT/default.txt"
+      timeout 150 python3 -m medcl --quiet evaluate --checkpoint /tmp/pm_gpu --data $PM --out /tmp/pm_gpu_eval \
+        --overwrite --seeds 3 --fractions 0.01 --per-class 10 --heads knn linear proto spread selftrain finetune \
+        2>&1 | tail -40 | tee -a "$OUT/default.txt"
+      cp /tmp/pm_gpu_eval/protocol.json /tmp/pm_gpu/loss.csv "$OUT/" 2>/dev/null ;;
   esac
 done
