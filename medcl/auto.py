@@ -17,8 +17,10 @@ from .errors import MedclError
 # every label), and 16x the old 3D one (8k) raised it again; where it rose it had not stopped, so the CPU budgets
 # are those points, capped by what a user waits (2 idle CPU cores: 15.5 min on PneumoniaMNIST, 17.3 on
 # VesselMNIST3D; 10-36 min on the other suite datasets with the cores shared). `--time` gives a folder any other
-# budget. A GPU gets the published small-image budget (a MedMNIST SSL benchmark: 400 epochs of PneumoniaMNIST, ~3.8M
-# views); its wall time is not yet measured in medcl (docs/gpu.md). Epochs = views / (2 x scans), within
+# budget. At 64x the old budget (PneumoniaMNIST, VesselMNIST3D) the every-label gain rose again, but the few-label
+# one had stopped rising after 16x except through one head, for 16x the default's time: not a default. A GPU gets
+# the published small-image budget (a MedMNIST SSL benchmark: 400 epochs of PneumoniaMNIST, ~3.8M views); its wall
+# time is not yet measured in medcl (docs/gpu.md). Epochs = views / (2 x scans), within
 # [EPOCHS_MIN, EPOCHS_MAX[device]].
 VIEWS_BUDGET = {("cpu", 2): 160_000, ("cpu", 3): 128_000, ("cuda", 2): 4_000_000, ("cuda", 3): 400_000}
 EPOCHS_MIN, EPOCHS_MAX = 3, {"cpu": 200, "cuda": 800}
