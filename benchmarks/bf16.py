@@ -5,7 +5,8 @@
       the memory probe and the warm-up) and their ratio. Run it on idle cores.
   python benchmarks/bf16.py quality FLOAT32_EVAL BF16_EVAL
       two `medcl evaluate` folders of the same data, seeds and heads (one encoder pretrained each way): the pretrained
-      rows paired by seed (the same labeled subset), bf16 minus float32 with a 95% t-interval.
+      rows paired by seed (the same labeled subset), bf16 minus float32 with a 95% t-interval. Any two encoders'
+      evaluations on the same subsets pair the same way: `--names default 64x` names the columns.
   python benchmarks/bf16.py nan3d
       where 3D bf16 diverges on a CPU: the folder defaults' 3D SimCLR model (ResNet-18 x0.5, 28^3, batch 32, AdamW
       lr 2.5e-4) on random volumes for 60 steps, in float32 and in bf16; prints the first step with a non-finite
@@ -60,14 +61,15 @@ def pretrained_rows(eval_dir: Path) -> dict:
                 for r in csv.DictReader(f) if r["encoder"] == "pretrained"}
 
 
-def quality(f32_dir: Path, bf16_dir: Path) -> None:
+def quality(f32_dir: Path, bf16_dir: Path, names=("float32", "bf16")) -> None:
     from medcl.metrics import mean_ci
 
     a, b = pretrained_rows(f32_dir), pretrained_rows(bf16_dir)
     keys = sorted(set(a) & set(b))
     if not keys or any(a[k][1] != b[k][1] for k in keys):
         sys.exit("the two evaluations share no rows on the same labeled subsets: use the same data, seeds and heads")
-    print("| labels | head | seeds | float32 | bf16 | bf16 - float32 [95% CI] |\n|---|---|---|---|---|---|")
+    first, second = names
+    print(f"| labels | head | seeds | {first} | {second} | {second} - {first} [95% CI] |\n|---|---|---|---|---|---|")
     for cell in sorted({k[:3] for k in keys}):
         ks = [k for k in keys if k[:3] == cell]
         x, y = np.array([a[k][0] for k in ks]), np.array([b[k][0] for k in ks])
@@ -112,6 +114,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["speed", "quality", "nan3d"])
     ap.add_argument("paths", nargs="*")
+    ap.add_argument("--names", nargs=2, default=["float32", "bf16"], metavar=("FIRST", "SECOND"),
+                    help="quality: the two evaluations' column names")
     a = ap.parse_args()
     if a.stage == "nan3d":
         nan3d()
@@ -122,7 +126,7 @@ def main():
     elif len(a.paths) != 2:
         ap.error("quality takes two evaluation folders: FLOAT32_EVAL BF16_EVAL")
     else:
-        quality(Path(a.paths[0]), Path(a.paths[1]))
+        quality(Path(a.paths[0]), Path(a.paths[1]), a.names)
 
 
 if __name__ == "__main__":
