@@ -155,7 +155,7 @@ class MedclConfig:
 
 
 def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)  # 0.5 offered 'compile' for 'nope
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)  # 0.5 offered 'compile' for 'nope'
     return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(options))}."
 
 
