@@ -121,9 +121,13 @@ def rows_from_table(text: str) -> list:
     """The rows of tables this script printed (e.g. pasted into docs/results.md), for a figure whose runs are gone."""
     rows = []
     for m in filter(None, map(ROW.match, text.splitlines())):
-        b = m[6]
-        kind, budget = (("fraction", 1.0) if b == "every label" else ("fraction", float(b[:-1]) / 100)
-                        if b.endswith("%") else ("per_class", int(b.split()[0]) // 2))
+        b = m[6]  # budget_name's words back to (kind, budget): "every label", "1%", "20 labels"
+        if b == "every label":
+            kind, budget = "fraction", 1.0
+        elif b.endswith("%"):
+            kind, budget = "fraction", float(b[:-1]) / 100
+        else:
+            kind, budget = "per_class", int(b.split()[0]) // 2
         lo, hi = (float(m[13]), float(m[14])) if m[13] else (float(m[12]),) * 2
         rows.append({"dataset": m[1], "views": int(m[2].replace(",", "")), "multiple": int(m[3]), "epochs": int(m[4]),
                      "pretrain_min": float(m[5]), "budget_kind": kind, "budget": budget, "n_labeled": float(m[7]),

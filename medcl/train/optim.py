@@ -2,6 +2,7 @@
 what the speed switches mean on a device."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-g["lr"])
 
 
+@functools.cache  # the flags do not change while a process runs; speed_settings asks more than once per run
 def cpu_has_native_bf16() -> bool:
     """The CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX), read from /proc/cpuinfo's flags. Arm's BF16 is
     left out, unmeasured; without these flags oneDNN may have no bf16 backward at all (pytorch#148861)."""
