@@ -46,6 +46,16 @@ def paired_gain(pred_a, pred_b, seed: int = 0) -> tuple:
     return paired_auc_gain_ci(y, [a[k][1] for k in keys], [b[k][1] for k in keys], seed=seed)
 
 
+def _patients(data, cfg):
+    """labels.csv for its patient column, when positives=patient pairs two acquisitions of one patient (MICLe);
+    the pretraining reads no disease label from it."""
+    if cfg.method.positives != "patient":
+        return None
+    from .data.labels import read_labels_csv
+
+    return read_labels_csv(data / "labels.csv", data, DISEASED.positive)
+
+
 def demo(out, dims: int = 3, n: int | None = None, epochs: int | None = None, label_fraction: float = 0.1,
          seed: int = 0, overwrite: bool = False, progress: bool = True, log=print,
          overrides: dict | None = None) -> dict:
@@ -64,7 +74,7 @@ def demo(out, dims: int = 3, n: int | None = None, epochs: int | None = None, la
         "differs between acquisitions, and what contrastive views teach the encoder to ignore)")
     data = make_phantoms(out / "data", n=n, dims=dims, size=size, seed=seed, nuisance=True)
     log("[2/6] contrastive pretraining (SimCLR) without labels")
-    pretrain(data, out / "pretrain", cfg, progress=progress, log=log)
+    pretrain(data, out / "pretrain", cfg, progress=progress, log=log, labels=_patients(data, cfg))
     log(f"[3/6] linear probe with {label_fraction:.0%} of the training labels")
     common = dict(label_fraction=label_fraction, seed=seed, task=DISEASED, progress=progress, log=log)
     m = finetune(out / "pretrain", data, data / "labels.csv", out / "finetune", mode="probe", **common)

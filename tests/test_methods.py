@@ -124,6 +124,23 @@ def test_patient_positives_on_real_csv(tmp_path):
     assert (tmp_path / "run" / "encoder.pt").is_file()
 
 
+def test_patient_positives_refuse_one_folder_of_scans(tmp_path, phantoms2d):
+    """Without a patient column every scan in one folder is one 'patient': pairing them would pull unrelated scans
+    together, so pretraining stops with what to do; with the phantoms' labels.csv (two scans a patient) it runs."""
+    from medcl.data.labels import read_labels_csv
+    from medcl.errors import MedclError
+
+    cfg = apply_overrides(MedclConfig(), {**TINY, "data": {"size": 32},
+                                          "method": {**TINY["method"], "positives": "patient"},
+                                          "train": {"epochs": 1, "batch_size": 16, "max_steps": 1}})
+    with pytest.raises(MedclError, match="belong to one patient.*patient column"):
+        pretrain(phantoms2d, tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    said = []
+    pretrain(phantoms2d, tmp_path / "run2", cfg, labels=read_labels_csv(phantoms2d / "labels.csv", phantoms2d),
+             progress=False, log=said.append)
+    assert any(s.startswith("patient positives:") and "patients;" in s for s in said)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dims", [2, 3])
 def test_neighbor_positives_on_real_volumes(tmp_path, dims):

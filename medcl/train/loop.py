@@ -26,7 +26,7 @@ from ..timebudget import TimeBudget, parse_duration
 from .hooks import CollapseMonitor, LossLog, Pace, end_epoch, save_checkpoint
 from .optim import build_optimizer, fit_schedule, lr_lambda, speed_settings
 from .resume import _quiet, load_init, set_rng_state, start
-from .stream import BatchStream, _pair_arrays, make_partner, neighbor_pairing, patients_of
+from .stream import BatchStream, _pair_arrays, check_patients, make_partner, neighbor_pairing, patients_of
 
 BUDGET_SYNC = 5  # under torchrun, rank 0's time-budget plan reaches every rank at steps that are multiples of this
 UNTIL_PLANNED = 10**9  # the epoch count of a time-budget run until its first plan
@@ -413,7 +413,9 @@ def pretrain(data, out, cfg: MedclConfig | None = None, resume: bool = False, ov
     speed = speed_settings(cfg, device)
     partner = None
     if cfg.method.positives == "patient":
-        partner = make_partner("patient", patients_of(scans.records, labels), cfg.train.seed)
+        patients = patients_of(scans.records, labels)
+        check_patients(patients, log)
+        partner = make_partner("patient", patients, cfg.train.seed)
     model, method = _wrap(method, cfg, device, speed)
     opt, sched, total, schedule = _optimiser(cfg, method, device, speed, steps_per_epoch)
     pairing = neighbor_pairing(cfg) if cfg.method.positives == "neighbors" else None

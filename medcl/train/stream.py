@@ -209,6 +209,21 @@ def patients_of(records, labels_table=None):
     return out
 
 
+def check_patients(patients, log) -> None:
+    """positives=patient pulls together scans of one patient; when one 'patient' holds most scans (every scan in one
+    folder and no patient column) unrelated scans would be pulled together, so that is an error."""
+    ids, counts = np.unique(np.asarray(patients, dtype=str), return_counts=True)
+    n, top = int(counts.sum()), int(counts.argmax())
+    if n > 4 and counts[top] > n / 2:
+        raise MedclError(f"positives=patient: {counts[top]} of {n} scans belong to one patient ('{ids[top]}', a top "
+                         "folder when no patient column is given), so unrelated scans would count as positives. Pass "
+                         "--labels LABELS.csv with a patient column, or put each patient's scans in a folder of its "
+                         "own (DATA/<patient>/...).")
+    shared = int(counts[counts > 1].sum())
+    log(f"patient positives: {len(ids)} patients; {shared} of {n} scans have another scan of their patient"
+        + ("" if shared else " (none: every positive is two views of one scan, as with positives=views)"))
+
+
 def _pair_arrays(pairs, scans, cfg, data):
     """(index of a, index of b) per pair of a pairs CSV, or None."""
     if pairs is None:
