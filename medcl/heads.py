@@ -1,8 +1,9 @@
 """Training the network on a few labels (`finetune`), beside the heads on frozen features (medcl.feature_heads).
 
-`finetune`: the network trained end to end (pretrained: the encoder at a tenth of the head's learning rate; from
-scratch: one rate), early-stopped on each held-out fold of the labeled scans; the final model is trained on every
-label for the median best epoch count of the folds.
+`finetune`: the network trained end to end (pretrained: the encoder at a tenth of the head's learning rate and the
+head starting from a linear probe on the frozen features; from scratch: one rate and a random head), early-stopped on
+each held-out fold of the labeled scans; the final model is trained on every label for the median best epoch count of
+the folds.
 """
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ import torch
 from torch import nn
 
 from .config import ViewsConfig
-from .feature_heads import HeadFit, auc_or_accuracy, cv_folds
+from .feature_heads import HeadFit, LinearHead, auc_or_accuracy, cv_folds
 from .progress import Progress
-from .runtime import seed_everything
+from .runtime import encode, seed_everything
 from .views import BatchedViews
 
 FINETUNE_FOLDS = 3
+# LP-FT (Kumar et al. 2022): a pretrained encoder's head starts from a linear probe on its frozen features. From a
+# random head the first steps' large gradients reach the encoder and distort the features the probe already finds.
+PROBE_INIT = True
+PROBE_C = 0.1  # the linear head's middle regularisation (feature_heads.LinearHead.grid)
 
 
 # ---- fine-tuning the network ------------------------------------------------------------------------------------
@@ -51,6 +56,8 @@ def train_network(encoder, scans, y, train_idx, device, n_classes, seed=0, epoch
     epoch on it is kept (early stopping); without, all `epochs` run. Returns (model, best epoch count)."""
     seed_everything(seed)
     model = Classifier(copy.deepcopy(encoder), n_classes).to(device)
+    if pretrained and PROBE_INIT:
+        probe_init(model, scans, y, train_idx, device, n_classes, seed)
     dims = len(scans.shape) - 2
     aug = BatchedViews(ViewsConfig(crop_scale=(0.6, 1.0), rotate_deg=15, noise_std=0.03, blur_prob=0.1,
                                    gamma=(0.75, 1.35)), dims, scans.shape[-1])
@@ -91,6 +98,30 @@ def train_network(encoder, scans, y, train_idx, device, n_classes, seed=0, epoch
     return model.cpu(), best[2]
 
 
+def probe_init(model: Classifier, scans, y, train_idx, device, n_classes: int, seed: int) -> None:
+    """Set the head to a class-balanced logistic regression on the encoder's frozen features of `train_idx`."""
+    labels = y[train_idx]
+    if len(np.unique(labels)) < 2:
+        return  # nothing to fit: the random head stays
+    feats = encode(model.encoder, _Rows(scans, train_idx), device)
+    layer = LinearHead(PROBE_C, n_classes, seed).fit(feats, labels).to_module()
+    if layer.weight.shape == model.head.weight.shape:  # not when a class is missing from these rows
+        model.head.load_state_dict(layer.state_dict())
+
+
+class _Rows:
+    """The rows `idx` of a ScanSet, as `encode` reads them."""
+
+    def __init__(self, scans, idx):
+        self.scans, self.idx = scans, np.asarray(idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def batch(self, rows):
+        return self.scans.batch(self.idx[np.asarray(rows)])
+
+
 def fit_finetune(encoder, scans, y, labeled, groups, n_classes: int, device, seed=0, epochs=30, pretrained=True,
                  folds: int = FINETUNE_FOLDS, progress=False) -> HeadFit:
     """Fine-tune with cross-validation inside the labeled rows: each fold early-stops on its held-out part and gives
@@ -110,4 +141,5 @@ def fit_finetune(encoder, scans, y, labeled, groups, n_classes: int, device, see
                              progress=progress)
     return HeadFit(oof, lambda rows: predict_rows(model.to(device), scans, np.asarray(rows, dtype=int), device),
                    {"fold_best_epochs": best_epochs, "epochs": final_epochs, "folds": len(cv),
-                    "encoder_lr_ratio": 0.1 if pretrained else 1.0}, classifier=model)
+                    "encoder_lr_ratio": 0.1 if pretrained else 1.0,
+                    "head_init": "linear probe" if pretrained and PROBE_INIT else "random"}, classifier=model)

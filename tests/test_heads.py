@@ -59,3 +59,32 @@ def test_the_linear_head_is_one_linear_layer_on_raw_features():
         p = torch.softmax(layer(torch.tensor(f[300:], dtype=torch.float32)), 1).numpy()
     np.testing.assert_allclose(p, fit.predict(f[300:]), atol=1e-4)
     assert HEAD_TYPES["knn"](5, 2).to_module() is None
+
+
+def test_finetune_head_starts_from_the_linear_probe():
+    """LP-FT: before any fine-tuning step the pretrained network predicts what a linear probe on its frozen features
+    predicts, so the first gradients do not come from a random head."""
+    import torch
+
+    from medcl.config import MedclConfig, apply_overrides
+    from medcl.data.cache import ScanSet
+    from medcl.encoders import build_encoder
+    from medcl.feature_heads import LinearHead
+    from medcl.heads import PROBE_C, Classifier, predict_rows, probe_init
+    from medcl.runtime import encode
+
+    rng = np.random.default_rng(0)
+    images = rng.random((40, 1, 32, 32)).astype(np.float32)
+    y = (np.arange(40) % 2).astype(int)
+    images[y == 1, :, 10:16, 10:16] += 1.0  # a bright patch marks class 1
+    scans = ScanSet(images, [None] * 40)
+    torch.manual_seed(0)
+    cfg = apply_overrides(MedclConfig(), {"data": {"dims": 2, "size": 32},
+                                          "encoder": {"name": "resnet10", "widen_factor": 0.125}}, "test")
+    model = Classifier(build_encoder(cfg), 2)
+    rows = np.arange(0, 40, 2)[:10].tolist() + np.arange(1, 40, 2)[:10].tolist()
+    probe_init(model, scans, y, np.array(rows), torch.device("cpu"), 2, seed=0)
+    feats = encode(model.encoder, images[rows], torch.device("cpu"))
+    expected = LinearHead(PROBE_C, 2, 0).fit(feats, y[rows]).predict_proba(feats)
+    got = predict_rows(model, scans, np.array(rows), torch.device("cpu"))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
