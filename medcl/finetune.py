@@ -172,7 +172,7 @@ def run_head(head: str, encoder, ld: LabeledData, lab, pool, te, device, seed: i
         return fit, fit.predict(f[te])
     if head == "finetune":
         fit = heads.fit_finetune(encoder, ld.scans, ld.y, lab, groups, ld.n_classes, device, seed, epochs,
-                                 pretrained=pretrained, progress=progress)
+                                 pretrained=pretrained, progress=progress, features=features)
         return fit, fit.predict(te)
     raise MedclError(f"unknown head '{head}' (choose {', '.join(feature_heads.head_names())})")
 

@@ -50,14 +50,15 @@ def predict_rows(model: nn.Module, scans, idx, device, batch_size=256) -> np.nda
 
 
 def train_network(encoder, scans, y, train_idx, device, n_classes, seed=0, epochs=30, batch_size=32, lr=1e-3,
-                  pretrained=True, val_idx=None, patience=8, progress=False):
+                  pretrained=True, val_idx=None, patience=8, progress=False, head_start: nn.Linear | None = None):
     """Encoder + linear head trained end to end: strong augmentation, class-weighted loss, AdamW with a cosine
-    schedule. A pretrained encoder learns at lr/10 (the head at lr), a scratch one at lr. With `val_idx`, the best
-    epoch on it is kept (early stopping); without, all `epochs` run. Returns (model, best epoch count)."""
+    schedule. A pretrained encoder learns at lr/10 (the head at lr), a scratch one at lr. The head starts from
+    `head_start` (`probe_head`) when given, else at random. With `val_idx`, the best epoch on it is kept (early
+    stopping); without, all `epochs` run. Returns (model, best epoch count)."""
     seed_everything(seed)
     model = Classifier(copy.deepcopy(encoder), n_classes).to(device)
-    if pretrained and PROBE_INIT:
-        probe_init(model, scans, y, train_idx, device, n_classes, seed)
+    if head_start is not None:
+        model.head.load_state_dict(head_start.state_dict())
     dims = len(scans.shape) - 2
     aug = BatchedViews(ViewsConfig(crop_scale=(0.6, 1.0), rotate_deg=15, noise_std=0.03, blur_prob=0.1,
                                    gamma=(0.75, 1.35)), dims, scans.shape[-1])
@@ -98,15 +99,13 @@ def train_network(encoder, scans, y, train_idx, device, n_classes, seed=0, epoch
     return model.cpu(), best[2]
 
 
-def probe_init(model: Classifier, scans, y, train_idx, device, n_classes: int, seed: int) -> None:
-    """Set the head to a class-balanced logistic regression on the encoder's frozen features of `train_idx`."""
-    labels = y[train_idx]
+def probe_head(feats: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0) -> nn.Linear | None:
+    """A class-balanced logistic regression on frozen features, as the fine-tune head's start; None (a random head)
+    when the rows lack a class."""
     if len(np.unique(labels)) < 2:
-        return  # nothing to fit: the random head stays
-    feats = encode(model.encoder, _Rows(scans, train_idx), device)
+        return None
     layer = LinearHead(PROBE_C, n_classes, seed).fit(feats, labels).to_module()
-    if layer.weight.shape == model.head.weight.shape:  # not when a class is missing from these rows
-        model.head.load_state_dict(layer.state_dict())
+    return layer if layer.out_features == n_classes else None
 
 
 class _Rows:
@@ -123,23 +122,32 @@ class _Rows:
 
 
 def fit_finetune(encoder, scans, y, labeled, groups, n_classes: int, device, seed=0, epochs=30, pretrained=True,
-                 folds: int = FINETUNE_FOLDS, progress=False) -> HeadFit:
+                 folds: int = FINETUNE_FOLDS, progress=False, features=None) -> HeadFit:
     """Fine-tune with cross-validation inside the labeled rows: each fold early-stops on its held-out part and gives
-    its OOF predictions; the final model learns from every label for the median best epoch count."""
+    its OOF predictions; the final model learns from every label for the median best epoch count. A pretrained
+    encoder's head starts from a probe on its frozen features: `features` of every row when the caller has them,
+    else the labeled rows are encoded here, once for every fold."""
     labeled = np.asarray(labeled, dtype=int)
     yl = y[labeled]
+    probe = pretrained and PROBE_INIT
+    if probe:
+        fl = features[labeled] if features is not None else encode(encoder, _Rows(scans, labeled), device)
+
+    def start(rows):
+        return probe_head(fl[rows], yl[rows], n_classes, seed) if probe else None
+
     cv = cv_folds(yl, None if groups is None else np.asarray(groups)[labeled], seed, folds)
     oof = np.full((len(labeled), n_classes), np.nan)
     best_epochs = []
     for i, (tr, ho) in enumerate(cv):
         model, ep = train_network(encoder, scans, y, labeled[tr], device, n_classes, seed + 100 * (i + 1), epochs,
-                                  pretrained=pretrained, val_idx=labeled[ho], progress=progress)
+                                  pretrained=pretrained, val_idx=labeled[ho], progress=progress, head_start=start(tr))
         oof[ho] = predict_rows(model.to(device), scans, labeled[ho], device)
         best_epochs.append(ep)
     final_epochs = int(np.median(best_epochs)) if best_epochs else epochs
     model, _ = train_network(encoder, scans, y, labeled, device, n_classes, seed, final_epochs, pretrained=pretrained,
-                             progress=progress)
+                             progress=progress, head_start=start(np.arange(len(labeled))))
     return HeadFit(oof, lambda rows: predict_rows(model.to(device), scans, np.asarray(rows, dtype=int), device),
                    {"fold_best_epochs": best_epochs, "epochs": final_epochs, "folds": len(cv),
                     "encoder_lr_ratio": 0.1 if pretrained else 1.0,
-                    "head_init": "linear probe" if pretrained and PROBE_INIT else "random"}, classifier=model)
+                    "head_init": "linear probe" if probe else "random"}, classifier=model)

@@ -70,7 +70,7 @@ def test_finetune_head_starts_from_the_linear_probe():
     from medcl.data.cache import ScanSet
     from medcl.encoders import build_encoder
     from medcl.feature_heads import LinearHead
-    from medcl.heads import PROBE_C, Classifier, predict_rows, probe_init
+    from medcl.heads import PROBE_C, predict_rows, probe_head, train_network
     from medcl.runtime import encode
 
     rng = np.random.default_rng(0)
@@ -81,10 +81,11 @@ def test_finetune_head_starts_from_the_linear_probe():
     torch.manual_seed(0)
     cfg = apply_overrides(MedclConfig(), {"data": {"dims": 2, "size": 32},
                                           "encoder": {"name": "resnet10", "widen_factor": 0.125}}, "test")
-    model = Classifier(build_encoder(cfg), 2)
+    encoder = build_encoder(cfg)
     rows = np.arange(0, 40, 2)[:10].tolist() + np.arange(1, 40, 2)[:10].tolist()
-    probe_init(model, scans, y, np.array(rows), torch.device("cpu"), 2, seed=0)
-    feats = encode(model.encoder, images[rows], torch.device("cpu"))
+    feats = encode(encoder, images[rows], torch.device("cpu"))
+    start = probe_head(feats, y[rows], 2, seed=0)
+    model, _ = train_network(encoder, scans, y, np.array(rows), torch.device("cpu"), 2, epochs=0, head_start=start)
     expected = LinearHead(PROBE_C, 2, 0).fit(feats, y[rows]).predict_proba(feats)
     got = predict_rows(model, scans, np.array(rows), torch.device("cpu"))
     np.testing.assert_allclose(got, expected, atol=1e-4)
