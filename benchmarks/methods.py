@@ -40,7 +40,6 @@ def feature_geometry(checkpoint, data, cfg, positive=None) -> dict:
     - top2_var: the share of the centred variance of the non-test features in their first two principal directions;
     - top2_auc: test AUC of a logistic regression on those two directions, fitted with every non-test label (a
       diagnostic of the geometry, not a few-label result): does the dominant variance carry the diagnosis?"""
-    import numpy as np
     import torch
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression

@@ -69,8 +69,6 @@ def test_resume_of_a_run_without_checkpoint_says_so(tmp_path, phantoms2d):
 
 
 def test_memory_estimate_scales_with_the_batch_and_matches_a_real_step():
-    import resource
-
     from medcl.config import MedclConfig, apply_overrides
     from medcl.encoders import build_encoder
     from medcl.memory import measure_step
