@@ -213,6 +213,97 @@ def _decode_rank_share(store, keys: list, fill, progress, num_workers: int) -> i
     return len(mine)
 
 
+class _Decoding:
+    """One pass over a folder's scans: what the scan cache has is read in this thread, the rest is decoded (and added
+    to the cache) in a thread pool. Keeps which scans are usable, why the others are not, and how many were decoded."""
+
+    def __init__(self, recs: list, store, keys: list, peeked: dict, item_shape: tuple, lazy: bool, images,
+                 convert, strict: bool, read):
+        self.recs, self.store, self.keys, self.peeked = recs, store, keys, peeked
+        self.item_shape, self.lazy, self.images, self.convert, self.strict, self.read = \
+            item_shape, lazy, images, convert, strict, read
+        self.ok = np.zeros(len(recs), dtype=bool)
+        self.errors = []  # (index, (path, reason)), reported in scan order whichever pass found them
+        self.decoded = 0
+        self.todo = [i for i in range(len(recs)) if keys[i] is None]
+
+    def decode(self, i):
+        """(array or None, (path, reason) or None)."""
+        rec = self.recs[i]
+        where = rec.path if rec.fmt != "npz" else f"{rec.path}:{rec.key}"
+        try:
+            got = self.peeked.pop(i, None) or self.read(rec)
+            if isinstance(got, ScanReadError):
+                raise got
+            return self.convert(*got, where, rec), None
+        except ScanReadError as e:
+            return None, (e.path, e.reason)
+
+    def fill(self, i):
+        """Decode scan i and add it to the cache; returns (array or None, error or None)."""
+        img, err = self.decode(i)
+        self.store.put(self.keys[i], img if err is None else ("error",) + tuple(err))
+        return img, err
+
+    def work(self, i):
+        """(i, array or None, error or None, decoded here?) for a scan the scan cache does not have."""
+        if self.keys[i] is not None:  # not in the cache (new, or another node's share without a shared disk): add it
+            img, err = self.fill(i)
+            return i, (None if self.lazy else img), err, True
+        img, err = self.decode(i)
+        return i, img, err, True
+
+    def cached(self):
+        """(i, array or None, error or None, False) for the scans the cache has, read in this thread (a small entry
+        reads faster than a thread pool hands it over); the rest are left for `work`."""
+        for i, key in enumerate(self.keys):
+            if key is None:
+                continue
+            got = self.store.get(key, self.item_shape)  # read even when lazy: a damaged entry is decoded again now
+            if isinstance(got, tuple):
+                yield i, None, (got[1], got[2]), False
+            elif got is not None:
+                yield i, (None if self.lazy else got), None, False
+            else:
+                self.todo.append(i)
+
+    def take(self, results, bar):
+        for i, img, err, here in results:
+            bar.update()
+            self.decoded += here
+            if err is not None:
+                if self.strict:
+                    raise ScanReadError(*err)
+                self.errors.append((i, err))
+                continue
+            if self.images is not None:
+                self.images[i] = img
+            self.ok[i] = True
+
+    def run(self, progress: bool, num_workers: int) -> list:
+        """Every scan once; returns the unusable ones as (path, reason), in scan order."""
+        n = len(self.recs)
+        bar = Progress(n, "decode scans", progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=50)
+        self.take(self.cached(), bar)
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            self.take(_bounded_map(pool, self.work, sorted(self.todo)), bar)
+        bar.close()
+        return [err for _, err in sorted(self.errors, key=lambda e: e[0])]
+
+    def scan_set(self, skipped: list) -> ScanSet:
+        """The usable scans: an in-memory array is compacted to them, a memmap stays on disk with its rows."""
+        recs, images, rows = self.recs, self.images, np.flatnonzero(self.ok)
+        files = [self.store.entry(self.keys[i]) for i in rows] if self.lazy else None
+        if len(rows) < len(recs):
+            recs = [recs[i] for i in rows]
+            if images is not None and not isinstance(images, np.memmap):
+                images, rows = images[rows], np.arange(len(rows))
+        if self.lazy:
+            rows = np.arange(len(rows))
+        return ScanSet(images, list(recs), skipped, rows, files=files, item_shape=self.item_shape,
+                       decoded=self.decoded)
+
+
 def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensity: str = "percentile",
                 strict: bool = False, max_bad_fraction: float = 0.2, cache_dir: Path | None = None,
                 cache_max_gb: float = 4.0, num_workers: int = 2, progress: bool = True,
@@ -229,7 +320,6 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     n = len(recs)
     store_arg = store
     item_shape = (channels,) + (size,) * dims
-    nbytes = n * int(np.prod(item_shape)) * 4
     if store == "auto":
         store = open_store(source.root, {"dims": dims, "size": size, "channels": channels, "intensity": intensity,
                                          "skip_label_maps": skip_label_maps, "decoder": DECODER_VERSION}, log=log)
@@ -238,81 +328,20 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
     # (the first three only: a warm command on 100k scans does not stat every entry twice)
     uncached = (i for i in range(n) if keys[i] is None or not store.has(keys[i])) if dist.world_size() == 1 else ()
     peeked = check_dims(source, list(itertools.islice(uncached, 3)), dims, expect)
-    large = nbytes > cache_max_gb * 2**30
+    large = n * int(np.prod(item_shape)) * 4 > cache_max_gb * 2**30
     lazy = large and store is not None and all(k is not None for k in keys)  # read per batch from the scan cache
     images = None if lazy else _allocate(n, item_shape, large, cache_dir)  # lazy: read per batch, nothing held
-    skipped = list(source.problems)
 
-    def decode(i):
-        """(array or None, (path, reason) or None)."""
-        rec = recs[i]
-        where = rec.path if rec.fmt != "npz" else f"{rec.path}:{rec.key}"
-        try:
-            got = peeked.pop(i, None) or source.read(rec)
-            if isinstance(got, ScanReadError):
-                raise got
-            arr, spacing = got
-            # a MedMNIST .npz is a declared dataset (VesselMNIST3D *is* binary masks): no label-map guess there
-            return to_model_array(arr, spacing, where, dims, size, channels, intensity,
-                                  skip_label_maps and rec.fmt != "npz"), None
-        except ScanReadError as e:
-            return None, (e.path, e.reason)
+    def convert(arr, spacing, where, rec):
+        # a MedMNIST .npz is a declared dataset (VesselMNIST3D *is* binary masks): no label-map guess there
+        return to_model_array(arr, spacing, where, dims, size, channels, intensity,
+                              skip_label_maps and rec.fmt != "npz")
 
-    def fill(i):
-        """Decode scan i and add it to the cache; returns (array or None, error or None)."""
-        img, err = decode(i)
-        store.put(keys[i], img if err is None else ("error",) + tuple(err))
-        return img, err
-
-    decoded = _decode_rank_share(store, keys, fill, progress, num_workers) if store is not None else 0
-
-    def work(i):
-        """(i, array or None, error or None, decoded here?) for a scan the scan cache does not have."""
-        if keys[i] is not None:  # not in the cache (new, or another node's share without a shared disk): add it
-            img, err = fill(i)
-            return i, (None if lazy else img), err, True
-        img, err = decode(i)
-        return i, img, err, True
-
-    def cached():
-        """(i, array or None, error or None, False) for the scans the cache has, read in this thread (a small entry
-        reads faster than a thread pool hands it over); the rest are left for `work`."""
-        for i in range(n):
-            if keys[i] is None:
-                continue
-            got = store.get(keys[i], item_shape)  # read even when lazy: a damaged entry is decoded again now
-            if isinstance(got, tuple):
-                yield i, None, (got[1], got[2]), False
-            elif got is not None:
-                yield i, (None if lazy else got), None, False
-            else:
-                todo.append(i)
-
-    todo = [i for i in range(n) if keys[i] is None]
-    ok = np.zeros(n, dtype=bool)
-    errors = []  # (index, (path, reason)), reported in scan order whichever pass found them
-    bar = Progress(n, "decode scans", progress, unit="scan", line_every=max(1, -(-n // 4)), min_total=50)
-
-    def take(results):
-        nonlocal decoded
-        for i, img, err, here in results:
-            bar.update()
-            decoded += here
-            if err is not None:
-                if strict:
-                    raise ScanReadError(*err)
-                errors.append((i, err))
-                continue
-            if images is not None:
-                images[i] = img
-            ok[i] = True
-
-    take(cached())
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        take(_bounded_map(pool, work, sorted(todo)))
-    skipped += [err for _, err in sorted(errors, key=lambda e: e[0])]
-    bar.close()
-    n_ok = int(ok.sum())
+    run = _Decoding(recs, store, keys, peeked, item_shape, lazy, images, convert, strict, source.read)
+    if store is not None:
+        run.decoded = _decode_rank_share(store, keys, run.fill, progress, num_workers)
+    skipped = list(source.problems) + run.run(progress, num_workers)
+    n_ok = int(run.ok.sum())
     masks = sum(is_label_map(r) for _, r in skipped)
     if n_ok == 0 and masks and skip_label_maps:  # every scan that reads is a mask: they are the data (shape sets)
         log(f"all {masks} readable scans are binary or label volumes: treating them as shape data (masks are "
@@ -321,15 +350,7 @@ def build_cache(source: Source, dims: int, size: int, channels: int = 1, intensi
                            cache_max_gb, num_workers, progress, False, store_arg if store_arg == "auto" else None, log,
                            expect)
     _check_usable(n, n_ok, masks, skipped, max_bad_fraction, log)
-    rows = np.flatnonzero(ok)
-    files = [store.entry(keys[i]) for i in rows] if lazy else None
-    if n_ok < n:
-        recs = [recs[i] for i in rows]
-        if images is not None and not isinstance(images, np.memmap):  # in memory: compact; a memmap stays on disk
-            images, rows = images[rows], np.arange(len(rows))
-    if lazy:
-        rows = np.arange(len(rows))
-    return ScanSet(images, list(recs), skipped, rows, files=files, item_shape=item_shape, decoded=decoded)
+    return run.scan_set(skipped)
 
 
 def build_for_encoder(source: Source, settings, checkpoint=None, **kw) -> ScanSet:
