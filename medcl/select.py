@@ -307,6 +307,36 @@ def _write_to_label(path: Path, picked: Picked, keys, groups, has_patient: bool)
             w.writerow([keys[i], rank, int(c), f"{t:.4f}"] + ([groups[i]] if has_patient else []) + [""])
 
 
+def _features(source, decode, encoder, device, out, log) -> tuple:
+    """(keys, features, scans): every readable scan of DATA decoded and encoded; the unreadable ones in skipped.csv."""
+    from .data.cache import write_skipped
+    from .runtime import encode, pick_device
+
+    scans = decode(source)
+    write_skipped(scans.skipped, out / "skipped.csv")
+    if scans.skipped:
+        log(f"skipped {len(scans.skipped)} unreadable scans (see {out / 'skipped.csv'})")
+    keys = [r.key for r in scans.records]
+    log(f"encoding {len(keys)} scans")
+    dev = pick_device(device)
+    return keys, encode(encoder.to(dev), scans, dev), scans
+
+
+def _decode_shown(source, keys: list, order, decode, max_points: int) -> tuple:
+    """With features from an embed folder, decode only what is shown: the chosen scans and, up to max_points, a
+    sample for the projector. Returns (scans, their rows in `keys`)."""
+    shown = np.arange(len(keys))
+    if len(keys) > max_points:
+        rest = np.setdiff1d(shown, order)
+        shown = np.sort(np.concatenate([order, np.random.default_rng(0).choice(
+            rest, max(0, max_points - len(order)), replace=False)]))
+    by_key = {r.key: r for r in source.records}
+    source.records = [by_key[keys[i]] for i in shown]
+    scans = decode(source)
+    kept = {r.key for r in scans.records}
+    return scans, np.array([i for i in shown if keys[i] in kept], dtype=int)
+
+
 def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid", already_labeled=None, seed: int = 0,
                  labels=None, same_patient: bool = False, overwrite: bool = False, device="auto",
                  max_points: int = 10000, progress=True, log=print, select=None, embeddings=None) -> Path:
@@ -317,10 +347,9 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     embeddings: a `medcl embed` folder (or its embeddings.npz) of DATA made with this checkpoint: its features are
     used instead of encoding every scan again, and only the scans shown are decoded (later rounds of the loop)."""
     from . import tensorboard as tb
-    from .data.cache import build_for_encoder, write_skipped
+    from .data.cache import build_for_encoder
     from .data.discover import open_source
     from .runs import prepare_out_dir, write_json
-    from .runtime import encode, pick_device
     from .weights import open_checkpoint
 
     if strategy not in STRATEGIES:
@@ -346,16 +375,9 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
         return build_for_encoder(src, prep, checkpoint, cache_dir=out / "cache", progress=progress, log=log)
 
     if stored is None:
-        scans = decode(source)
-        write_skipped(scans.skipped, out / "skipped.csv")
-        if scans.skipped:
-            log(f"skipped {len(scans.skipped)} unreadable scans (see {out / 'skipped.csv'})")
-        keys = [r.key for r in scans.records]
-        log(f"encoding {len(keys)} scans")
-        dev = pick_device(device)
-        feats = encode(encoder.to(dev), scans, dev)
+        keys, feats, scans = _features(source, decode, encoder, device, out, log)
     else:
-        keys, feats = stored
+        (keys, feats), scans = stored, None
         if len(keys) < len(source.records):
             log(f"{len(source.records) - len(keys)} scans of DATA are not in {embeddings} (unreadable when it was "
                 f"made?): they are not candidates")
@@ -368,16 +390,8 @@ def select_scans(checkpoint, data, budget: int, out, strategy: str = "centroid",
     _write_to_label(out / "to_label.csv", picked, keys, groups, any(k in patient for k in keys))
     rank_of = {int(i): r for r, i in enumerate(picked.order, 1)}
     shown = np.arange(len(keys))
-    if stored is not None:  # decode only what is shown: the chosen scans and the projector's sample
-        if len(keys) > max_points:
-            rest = np.setdiff1d(shown, picked.order)
-            shown = np.sort(np.concatenate([picked.order, np.random.default_rng(0).choice(
-                rest, max(0, max_points - len(picked.order)), replace=False)]))
-        by_key = {r.key: r for r in source.records}
-        source.records = [by_key[keys[i]] for i in shown]
-        scans = decode(source)
-        kept = {r.key for r in scans.records}
-        shown = np.array([i for i in shown if keys[i] in kept], dtype=int)
+    if stored is not None:
+        scans, shown = _decode_shown(source, keys, picked.order, decode, max_points)
     at = {int(i): j for j, i in enumerate(shown)}  # row of `scans` for a row of `keys`
     sheet = [i for i in picked.order[:CONTACT_SHEET_MAX] if int(i) in at]
     fig = contact_sheet(scans.batch([at[int(i)] for i in sheet]), dims,
