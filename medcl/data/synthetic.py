@@ -32,16 +32,17 @@ def make_anatomy(rng: np.random.Generator, dims: int, size: int) -> dict:
     return dict(body=body, organs=organs, texture_seed=int(rng.integers(2**31)))
 
 
-# Lesion radius, as a share of the image side, times this. A lesion should cover the same share of the body in 2D
-# and 3D (about 2-3%): with the 2D radii a 3D lesion covers (r/R)^3, about 0.4%, which global pooling averages away
-# (at 32^3 with acquisition factors both the pretrained and the random-init encoder scored at chance, Dec 2026).
-LESION_SCALE = {2: 1.0, 3: 1.8}
+# Lesion radius, as a share of the image side, times this: 9-16% of the side, in 2D and 3D alike, so that a lesion is
+# larger than most organs (semi-axes 6-14%) and differs from anatomy. At 5-9% a 3D lesion covered about 0.4% of the
+# body, which global pooling averages away (both encoders scored at chance at 32^3), and a 2D lesion was no larger
+# than an organ: with every label a probe on either encoder's features reached only 0.81 (docs/results.md, "The demo").
+LESION_SCALE = 1.8
 
 
 def add_lesions(rng: np.random.Generator, anatomy: dict, dims: int, size: int, n=None) -> dict:
     lesions = []
     for _ in range(n if n is not None else rng.integers(1, 4)):
-        r = rng.uniform(0.05, 0.09) * size * LESION_SCALE[dims]
+        r = rng.uniform(0.05, 0.09) * size * LESION_SCALE
         u = rng.normal(size=dims)
         u /= np.linalg.norm(u)
         pos = anatomy["body"]["center"] + u * rng.uniform(0, 0.6) * anatomy["body"]["axes"].min()
