@@ -8,7 +8,7 @@ CHECKPOINT_HELP = ("pretrain run folder or its encoder.pt, or WEIGHTS from anoth
                    "timm, MedicalNet, lightly, solo-learn) or a name such as torchvision:resnet18 (docs/weights.md)")
 # measured on 2 idle x86_64 CPU cores, seeds 0-5 (docs/results.md, "The demo"); one wording everywhere
 DEMO_TIME = "61-82 s"  # the 3D demo, the default
-DEMO2D_TIME = "43-50 s"
+DEMO2D_TIME = "43-52 s"
 
 
 PROGRESS_HELP = ("progress: a bar on a terminal; otherwise (nohup, pipes, batch schedulers) one line per epoch or run "
